@@ -1,0 +1,112 @@
+"""`pixrun train | sample | eval`. Bad input ends with a one-line error and exit code 2."""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pixrun.config import ConfigError, load_config
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pixrun", description="Train text-to-image diffusion models in pixel space.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p_train = commands.add_parser("train", help="train a model (no CONFIG: the built-in shapes-world default)")
+    p_train.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    p_train.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="auto|CHECKPOINT",
+        help="continue the run in run_dir from its latest checkpoint ('auto': only if there is one)",
+    )
+
+    p_sample = commands.add_parser("sample", help="generate images for a prompt with a trained run")
+    p_sample.add_argument("run", type=Path)
+    p_sample.add_argument("--prompt", required=True)
+    p_sample.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN/sample.png)")
+    p_sample.add_argument("--num", type=int, default=1, help="images, side by side; image i uses seed + i")
+    p_sample.add_argument("--seed", type=int, default=0)
+    p_sample.add_argument("--steps", type=int, default=None)
+    p_sample.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = none)")
+    p_sample.add_argument("--sampler", choices=["euler", "heun"], default=None)
+    p_sample.add_argument("--weights", choices=["ema", "weights"], default="ema")
+
+    p_eval = commands.add_parser("eval", help="compositional (GenEval-style) scores of a trained run")
+    p_eval.add_argument("run", type=Path)
+    p_eval.add_argument("--json", action="store_true", help="print one JSON object")
+    p_eval.add_argument("--per-task", type=int, default=None, help="prompts per task (default: the run's eval config)")
+    p_eval.add_argument("--weights", choices=["ema", "weights"], default="ema")
+
+    args = parser.parse_args(argv)
+    try:
+        return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.command](args)
+    except (ConfigError, UsageError, FileNotFoundError) as e:
+        print(f"pixrun: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def cmd_train(args) -> int:
+    from pixrun.train import train
+
+    config_path = None
+    overrides = list(args.args)
+    if overrides and "=" not in overrides[0]:
+        config_path = overrides.pop(0)
+    train(load_config(config_path, overrides), resume=args.resume)
+    return 0
+
+
+def _sample_config(run, args):
+    sample = run.config.sample
+    changes = {k: v for k, v in {"steps": args.steps, "cfg_scale": args.cfg, "sampler": args.sampler}.items() if v is not None}
+    sample = dataclasses.replace(sample, **changes)
+    try:
+        sample.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return sample
+
+
+def cmd_sample(args) -> int:
+    from PIL import Image
+
+    from pixrun.pipeline import load_run, to_uint8
+
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    if args.num < 1:
+        raise UsageError("--num must be at least 1")
+    run = load_run(args.run, weights=args.weights)
+    images = to_uint8(run.generate([args.prompt] * args.num, seed=args.seed, sample=_sample_config(run, args)))
+    out = args.out or args.run / "sample.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(out)
+    print(out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pixrun.evaluate import evaluate_run
+
+    per_task = args.per_task
+    if per_task is not None and per_task < 1:
+        raise UsageError("--per-task must be at least 1")
+    scores = evaluate_run(args.run, per_task=per_task, weights=args.weights)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        for name, value in scores.items():
+            print(f"{name:>16}  {'n/a' if value is None else f'{value:.3f}'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

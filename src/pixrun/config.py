@@ -1,0 +1,219 @@
+"""Typed run configuration: dataclasses, loaded from YAML, with dotted overrides (`optim.lr=3e-4`).
+
+Unknown keys and invalid values raise ConfigError with a one-line message; the CLI turns it into exit code 2.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pixrun.flow import FlowConfig
+from pixrun.model import PRESETS, ModelConfig
+from pixrun.optim import EMAConfig, OptimConfig
+from pixrun.sampler import SampleConfig
+from pixrun.text import TextConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"
+    resolution: int = 64
+    kinds: list[str] = field(default_factory=lambda: ["circle", "square", "triangle", "cross"])
+    colors: list[str] = field(default_factory=lambda: ["red", "orange", "yellow", "green", "blue", "purple"])
+    heldout: list[str] = field(default_factory=lambda: ["purple triangle", "orange circle"])  # never trained on
+    task_weights: dict[str, float] | None = None  # None: the six tasks equally
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast where supported) | fp32 | bf16
+    threads: int = 0  # torch CPU threads; 0 = torch's choice
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class EvalConfig:
+    prompts_per_task: int = 16
+    images_per_prompt: int = 4
+    seed: int = 1234
+    batch_size: int = 128
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/shapes-default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        try:
+            self.model.validate()
+            self.text.validate()
+            self.flow.validate()
+            self.sample.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        res, patch = self.data.resolution, self.model.patch_size
+        if res % patch:
+            raise ConfigError(f"model.patch_size {patch} does not divide data.resolution {res}")
+        if self.data.source != "shapes":
+            raise ConfigError(f"data.source {self.data.source!r} is not known (known: shapes)")
+        if self.train.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.train.precision!r}")
+        positive = {
+            "train.steps": self.train.steps, "train.batch_size": self.train.batch_size,
+            "train.log_every": self.train.log_every, "train.sample_every": self.train.sample_every,
+            "train.checkpoint_every": self.train.checkpoint_every, "train.keep_checkpoints": self.train.keep_checkpoints,
+            "optim.lr": self.optim.lr, "ema.every": self.ema.every, "data.resolution": res,
+            "eval.prompts_per_task": self.eval.prompts_per_task, "eval.images_per_prompt": self.eval.images_per_prompt,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if not 0 <= self.ema.decay < 1:
+            raise ConfigError(f"ema.decay must lie in [0, 1), got {self.ema.decay}")
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.optim.betas}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides; validated."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    config = _build(Config, _apply_preset(raw), "")
+    config.validate()
+    return config
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def _apply_preset(raw: dict) -> dict:
+    """`model: NAME` or `model.preset: NAME` starts the model section from a named preset."""
+    model = raw.get("model")
+    if isinstance(model, str):
+        model = {"preset": model}
+    if isinstance(model, dict) and "preset" in model:
+        model = dict(model)
+        name = model.pop("preset")
+        if name not in PRESETS:
+            raise ConfigError(f"model.preset {name!r} is not known (known: {', '.join(PRESETS)})")
+        raw = {**raw, "model": {**dataclasses.asdict(PRESETS[name]), **model}}
+    return raw
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if isinstance(child, str) and part == "model":
+            child = node[part] = {"preset": child}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls, raw, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key {name!r} (known here: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {_coerce(args[0], k, where): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")

@@ -1,0 +1,105 @@
+"""Flow matching with x-prediction: the whole noise schedule and loss, in PRX's convention.
+
+    x_t = (1 - t) * x0 + t * s * eps        t = 1 is pure noise, s = noise scale
+    v   = dx_t/dt = s * eps - x0
+
+The network may predict x0, eps or v (`prediction`) and be trained in any of the three spaces (`loss`); a
+prediction is converted to the loss space with t clamped away from the singular end, as in JiT and PRX.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+SPACES = ("x", "eps", "v")
+
+
+@dataclass
+class FlowConfig:
+    prediction: str = "x"  # what the network outputs: x | eps | v
+    loss: str = "v"  # the space the squared error is taken in: x | eps | v
+    t_mu: float = 0.0  # logit-normal location
+    t_sigma: float = 1.0  # logit-normal scale
+    t_shift: float = 3.0  # s * t / (1 + (s - 1) * t); > 1 moves training toward noise
+    uniform_fraction: float = 0.1  # share of t drawn uniformly, so no noise level goes unseen
+    noise_scale: float = 1.0
+    t_clamp: float = 0.05  # divisions by t (or 1 - t) never go below this
+    caption_dropout: float = 0.1  # share of captions replaced by the empty prompt, for guidance
+
+    def validate(self) -> None:
+        for name in ("prediction", "loss"):
+            if getattr(self, name) not in SPACES:
+                raise ValueError(f"flow.{name} must be one of {', '.join(SPACES)}, got {getattr(self, name)!r}")
+        if self.t_sigma <= 0 or self.t_shift <= 0 or self.noise_scale <= 0:
+            raise ValueError("flow.t_sigma, flow.t_shift and flow.noise_scale must be positive")
+        if not 0 <= self.uniform_fraction <= 1 or not 0 <= self.caption_dropout <= 1:
+            raise ValueError("flow.uniform_fraction and flow.caption_dropout must lie in [0, 1]")
+        if not 0 < self.t_clamp < 1:
+            raise ValueError("flow.t_clamp must lie in (0, 1)")
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sampling_times(steps: int, shift: float) -> torch.Tensor:
+    """steps + 1 times from 1 (noise) to 0 (clean): a linear grid warped by the same shift as training."""
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1), shift)
+
+
+class Flow:
+    def __init__(self, config: FlowConfig):
+        config.validate()
+        self.config = config
+
+    def sample_t(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        c = self.config
+        t = torch.sigmoid(c.t_mu + c.t_sigma * torch.randn(n, generator=generator))
+        t = shift_time(t, c.t_shift)
+        uniform = torch.rand(n, generator=generator)
+        use_uniform = torch.rand(n, generator=generator) < c.uniform_fraction
+        return torch.where(use_uniform, uniform, t)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = _expand(t, x0)
+        return (1 - t) * x0 + t * self.config.noise_scale * eps
+
+    def convert(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+        """Express a prediction of `src` (x | eps | v) at (x_t, t) as the matching `dst`."""
+        if src == dst:
+            return pred
+        s, clamp = self.config.noise_scale, self.config.t_clamp
+        t = _expand(t, x_t)
+        if src == "x":
+            x0 = pred
+        elif src == "eps":
+            x0 = (x_t - t * s * pred) / (1 - t).clamp(min=clamp)
+        else:
+            x0 = x_t - t * pred
+        if dst == "x":
+            return x0
+        if dst == "v":
+            return (x_t - x0) / t.clamp(min=clamp)
+        return (x_t - (1 - t) * x0) / (s * t.clamp(min=clamp))
+
+    def to_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.convert(pred, x_t, t, self.config.prediction, "x")
+
+    def to_v(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.convert(x0, x_t, t, "x", "v")
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """What a perfect network outputs, in the prediction's own space."""
+        p = self.config.prediction
+        return x0 if p == "x" else eps if p == "eps" else self.config.noise_scale * eps - x0
+
+    def loss(self, pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Mean squared error in the loss space; prediction and truth go through the same conversion."""
+        c = self.config
+        pred_l = self.convert(pred.float(), x_t, t, c.prediction, c.loss)
+        true_l = self.convert(self.target(x0, eps), x_t, t, c.prediction, c.loss)
+        return (pred_l - true_l).pow(2).mean()
+
+
+def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))

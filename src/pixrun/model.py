@@ -1,0 +1,236 @@
+"""The denoiser: PRX's transformer in pixel space.
+
+Image patches are the queries of every block; keys and values are [text ; image]. Text enters once through
+`txt_in`; each block has its own text K/V projection. Conditioning on t (and optionally resolution) goes through
+adaLN modulation. Parameter names and shapes follow diffusers' `PRXTransformer2DModel`, so a trained state dict
+loads there unchanged.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 3.5
+    patch_size: int = 16
+    bottleneck: int | None = 128  # None: a single Linear(patch_dim -> width)
+    in_channels: int = 3
+    context_dim: int = 256  # width of the text tower's output
+    axes_dim: list[int] = field(default_factory=lambda: [32, 32])  # RoPE dims for (row, col); sum = head dim
+    rope_theta: float = 10000.0
+    time_factor: float = 1000.0
+    time_max_period: float = 10000.0
+    resolution_embeds: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.patch_size**2
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"model.width {self.width} is not divisible by model.heads {self.heads}")
+        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
+            raise ValueError(
+                f"model.axes_dim {self.axes_dim} must be even numbers summing to the head dim {self.head_dim}"
+            )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU-sized: 64 px images in 16-px patches, i.e. 16 tokens of 768 values each.
+    "shapes-cpu": ModelConfig(),
+    # PRX "small", pixel variant of the 24-hour speedrun: about 1.2 B parameters.
+    "prx-small-pixel": ModelConfig(
+        width=1792, depth=16, heads=28, mlp_ratio=3.5, patch_size=32, bottleneck=256, context_dim=2304
+    ),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float, scale: float = 1.0) -> torch.Tensor:
+    """Sinusoidal embedding in (cos, sin) order."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = scale * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def rope_angles(grid_h: int, grid_w: int, axes_dim: list[int], theta: float, device) -> torch.Tensor:
+    """Rotation angles (tokens, head_dim / 2) for a row-major grid: first axis = row, second = column."""
+    rows = torch.arange(grid_h, device=device, dtype=torch.float64).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, device=device, dtype=torch.float64).repeat(grid_h)
+    parts = []
+    for pos, dim in zip((rows, cols), axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+        parts.append(pos[:, None] * omega[None])
+    return torch.cat(parts, dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim by `angles`."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    cos, sin = angles.cos(), angles.sin()
+    x0, x1 = xf[..., 0], xf[..., 1]
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
+
+
+def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), channel-major inside a patch."""
+    b, c, h, w = img.shape
+    return img.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(seq: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    b, _, d = seq.shape
+    c = d // (p * p)
+    return seq.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, dim)
+        self.out_layer = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class Attention(nn.Module):
+    """Image queries attend to [text ; image] keys; RoPE on image q/k only, QK RMSNorm."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        head_dim = width // heads
+        self.img_qkv_proj = nn.Linear(width, 3 * width, bias=False)
+        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.txt_kv_proj = nn.Linear(width, 2 * width, bias=False)
+        self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_out = nn.ModuleList([nn.Linear(width, width, bias=False)])
+
+    def forward(self, img, txt, rope, txt_mask):
+        b, n_img, _ = img.shape
+        q, k, v = self.img_qkv_proj(img).view(b, n_img, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
+        txt_k, txt_v = self.txt_kv_proj(txt).view(b, txt.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        k = torch.cat([self.norm_added_k(txt_k), k], dim=2)
+        v = torch.cat([txt_v, v], dim=2)
+        mask = None
+        if txt_mask is not None:  # padding mask over text keys; image keys are always visible
+            mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(b, n_img, dtype=torch.bool)], dim=1)
+            mask = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out[0](out.transpose(1, 2).reshape(b, n_img, -1))
+
+
+class Modulation(nn.Module):
+    """adaLN: (shift, scale, gate) for attention and for the MLP, zero-initialised so blocks start as identity."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.lin = nn.Linear(width, 6 * width)
+
+    def forward(self, vec: torch.Tensor):
+        return self.lin(F.silu(vec))[:, None, :].chunk(6, dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.img_pre_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attention = Attention(width, heads)
+        self.post_attention_layernorm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+        self.modulation = Modulation(width)
+
+    def forward(self, img, txt, vec, rope, txt_mask):
+        attn_shift, attn_scale, attn_gate, mlp_shift, mlp_scale, mlp_gate = self.modulation(vec)
+        x = (1 + attn_scale) * self.img_pre_norm(img) + attn_shift
+        img = img + attn_gate * self.attention(x, txt, rope, txt_mask)
+        x = (1 + mlp_scale) * self.post_attention_layernorm(img) + mlp_shift
+        return img + mlp_gate * self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        return self.linear((1 + scale[:, None]) * self.norm_final(x) + shift[:, None])
+
+
+class ResolutionEmbedder(nn.Module):
+    def __init__(self, width: int, max_period: float):
+        super().__init__()
+        self.max_period = max_period
+        self.mlp = MLPEmbedder(256, width)
+
+    def forward(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        emb = torch.cat([timestep_embedding(h, 128, self.max_period), timestep_embedding(w, 128, self.max_period)], -1)
+        return self.mlp(emb)
+
+
+class Denoiser(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        if c.bottleneck:
+            self.img_in = nn.Sequential(nn.Linear(c.patch_dim, c.bottleneck), nn.Linear(c.bottleneck, c.width))
+        else:
+            self.img_in = nn.Linear(c.patch_dim, c.width)
+        self.time_in = MLPEmbedder(256, c.width)
+        self.txt_in = nn.Linear(c.context_dim, c.width)
+        self.resolution_embedder = ResolutionEmbedder(c.width, c.time_max_period) if c.resolution_embeds else None
+        self.blocks = nn.ModuleList([Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth)])
+        self.final_layer = FinalLayer(c.width, c.patch_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        zero_init = [block.modulation.lin for block in self.blocks] + [self.final_layer.linear]
+        zero_init.append(self.final_layer.adaLN_modulation[1])
+        for linear in zero_init:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor | None = None):
+        """x: (B, C, H, W) noisy image; t: (B,) in [0, 1], 1 = pure noise; txt: (B, L, context_dim)."""
+        c = self.config
+        b, _, h, w = x.shape
+        img = self.img_in(patchify(x, c.patch_size))
+        txt = self.txt_in(txt)
+        rope = rope_angles(h // c.patch_size, w // c.patch_size, c.axes_dim, c.rope_theta, x.device)
+        vec = self.time_in(timestep_embedding(t, 256, c.time_max_period, c.time_factor).to(img.dtype))
+        if self.resolution_embedder is not None:
+            vec = vec + self.resolution_embedder(x.new_full((b,), h), x.new_full((b,), w))
+        for block in self.blocks:
+            img = block(img, txt, vec, rope, txt_mask)
+        return unpatchify(self.final_layer(img, vec), c.patch_size, h, w)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

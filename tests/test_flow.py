@@ -1,0 +1,77 @@
+import itertools
+
+import pytest
+import torch
+
+from pixrun.flow import SPACES, Flow, FlowConfig, sampling_times, shift_time
+
+
+def batch(n=4, s=2.0):
+    g = torch.Generator().manual_seed(0)
+    flow = Flow(FlowConfig(noise_scale=s))
+    x0 = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(n, 3, 8, 8, generator=g)
+    t = torch.tensor([0.1, 0.4, 0.7, 0.9])[:n]
+    return flow, x0, eps, t, flow.add_noise(x0, eps, t)
+
+
+def test_noising_endpoints_and_velocity():
+    flow, x0, eps, _, _ = batch()
+    ones, zeros = torch.ones(4), torch.zeros(4)
+    assert torch.allclose(flow.add_noise(x0, eps, zeros), x0)
+    assert torch.allclose(flow.add_noise(x0, eps, ones), 2.0 * eps)
+    # v is the time derivative of x_t: a finite difference agrees
+    t, dt = torch.full((4,), 0.5), 1e-3
+    fd = (flow.add_noise(x0, eps, t + dt) - flow.add_noise(x0, eps, t - dt)) / (2 * dt)
+    v = flow.convert(x0, flow.add_noise(x0, eps, t), t, "x", "v")
+    assert torch.allclose(fd, v, atol=1e-3)
+
+
+@pytest.mark.parametrize("src,dst", list(itertools.product(SPACES, SPACES)))
+def test_conversions_recover_the_truth(src, dst):
+    flow, x0, eps, t, x_t = batch()
+    truth = {"x": x0, "eps": eps, "v": 2.0 * eps - x0}
+    assert torch.allclose(flow.convert(truth[src], x_t, t, src, dst), truth[dst], atol=1e-5)
+
+
+def test_x_prediction_v_loss_is_the_recipe_formula():
+    flow, x0, eps, _, _ = batch()
+    t = torch.tensor([0.01, 0.03, 0.5, 0.9])  # two below the clamp
+    x_t = flow.add_noise(x0, eps, t)
+    x_hat = x0 + 0.1 * torch.randn_like(x0)
+    tc = t.clamp(min=0.05).view(-1, 1, 1, 1)
+    expected = (((x_t - x_hat) / tc - (x_t - x0) / tc) ** 2).mean()
+    assert torch.allclose(flow.loss(x_hat, x0, eps, x_t, t), expected)
+
+
+@pytest.mark.parametrize("prediction,loss", list(itertools.product(SPACES, SPACES)))
+def test_perfect_prediction_has_zero_loss_and_wrong_has_positive(prediction, loss):
+    flow = Flow(FlowConfig(prediction=prediction, loss=loss, noise_scale=2.0))
+    _, x0, eps, t, x_t = batch()
+    perfect = flow.target(x0, eps)
+    assert flow.loss(perfect, x0, eps, x_t, t) < 1e-10
+    assert flow.loss(perfect + 0.1, x0, eps, x_t, t) > 1e-4
+
+
+def test_time_sampling_schedule():
+    g = torch.Generator().manual_seed(0)
+    flow = Flow(FlowConfig(t_mu=0.0, t_sigma=1.0, t_shift=3.0, uniform_fraction=0.0))
+    t = flow.sample_t(20000, g)
+    assert 0 < t.min() and t.max() < 1
+    assert abs(t.median().item() - 0.75) < 0.01  # sigmoid(0) = 0.5, shifted by 3 -> 0.75
+    assert abs(shift_time(torch.tensor(0.5), 3.0).item() - 0.75) < 1e-6
+    mixed = Flow(FlowConfig(t_shift=1.0, t_sigma=0.1, uniform_fraction=0.5)).sample_t(20000, g)
+    assert 0.27 < ((mixed < 0.3) | (mixed > 0.7)).float().mean() < 0.33  # only the uniform half lands out there
+
+
+def test_sampling_times_run_from_noise_to_clean():
+    times = sampling_times(10, 3.0)
+    assert times[0] == 1 and times[-1] == 0 and len(times) == 11
+    assert (times[1:] < times[:-1]).all()
+
+
+def test_invalid_settings_are_rejected():
+    with pytest.raises(ValueError, match="prediction"):
+        Flow(FlowConfig(prediction="score"))
+    with pytest.raises(ValueError, match="uniform_fraction"):
+        Flow(FlowConfig(uniform_fraction=1.5))
