@@ -79,8 +79,7 @@ class TextTower(nn.Module):
 
     @property
     def dim(self) -> int:
-        cfg = self.encoder.config
-        return getattr(cfg, "d_model", None) or cfg.hidden_size
+        return self.encoder.get_input_embeddings().embedding_dim
 
     @classmethod
     def build(cls, config: TextConfig, vocabulary: list[str], run_dir: Path | None = None) -> "TextTower":

@@ -1,0 +1,99 @@
+import subprocess
+import sys
+
+import pytest
+
+from pixrun.cli import main
+from pixrun.config import ConfigError, load_config
+from tests.conftest import TINY_OVERRIDES
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.learning_rate=1e-3", "unknown config key 'optim.learning_rate'"),
+        ("nonsense=1", "unknown config key 'nonsense'"),
+        ("model.patch_size=24", "model.patch_size 24 does not divide data.resolution 64"),
+        ("train.steps=abc", "train.steps must be an integer"),
+        ("train.steps=0", "train.steps must be positive"),
+        ("flow.prediction=score", "flow.prediction must be one of"),
+        ("model.preset=huge", "model.preset 'huge' is not known"),
+        ("data.heldout=[golden circle]", "golden"),
+    ],
+)
+def test_bad_config_is_one_line_and_exit_code_2(capsys, tmp_path, override, message):
+    code, _, err = run_cli(capsys, "train", f"run_dir={tmp_path}/r", override)
+    assert code == 2
+    assert message in err and err.startswith("pixrun: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_key_in_a_yaml_file(capsys, tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("optim:\n  lr: 3e-4\n  momentum: 0.9\n")
+    code, _, err = run_cli(capsys, "train", str(path))
+    assert code == 2 and "optim.momentum" in err
+    code, _, err = run_cli(capsys, "train", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_config_file_then_overrides(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model: prx-small-pixel\ndata:\n  resolution: 512\noptim:\n  lr: 3e-4\n")
+    config = load_config(path, ["optim.lr=1e-4", "model.depth=4"])
+    assert config.optim.lr == 1e-4 and config.model.width == 1792 and config.model.depth == 4
+    with pytest.raises(ConfigError, match="does not divide"):
+        load_config(path, ["data.resolution=500"])
+
+
+def test_missing_run_and_empty_prompt(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "sample", str(tmp_path / "nope"), "--prompt", "a photo of a circle")
+    assert code == 2 and "not a pixrun run" in err
+    code, _, err = run_cli(capsys, "eval", str(tmp_path / "nope"), "--json")
+    assert code == 2 and "not a pixrun run" in err
+    code, _, err = run_cli(capsys, "sample", str(tmp_path), "--prompt", "   ")
+    assert code == 2 and "prompt is empty" in err
+
+
+def test_sample_and_eval_on_a_trained_run(capsys, tmp_path):
+    import json
+
+    from PIL import Image
+
+    code, _, _ = run_cli(capsys, "train", *[f"run_dir={tmp_path / 'r'}", *TINY_OVERRIDES, "train.steps=2"])
+    assert code == 0
+    out = tmp_path / "a.png"
+    code, stdout, _ = run_cli(capsys, "sample", str(tmp_path / "r"), "--prompt", "a photo of a red circle",
+                              "--num", "2", "--out", str(out), "--steps", "3")
+    assert code == 0 and stdout.strip() == str(out)
+    assert Image.open(out).size == (64, 32)
+    code, stdout, _ = run_cli(capsys, "eval", str(tmp_path / "r"), "--json")
+    assert code == 0
+    scores = json.loads(stdout)
+    keys = {"overall", "single_object", "two_object", "counting", "colors", "position", "color_attr", "heldout_overall"}
+    assert keys <= set(scores) and all(0 <= scores[k] <= 1 for k in keys)
+
+
+def test_installed_command_exits_2_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pixrun.cli", "train", f"run_dir={tmp_path}", "model.patch_size=7"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "does not divide" in result.stderr
+
+
+def test_shipped_configs_load_and_the_cpu_one_is_the_builtin_default():
+    from pathlib import Path
+
+    from pixrun.config import Config
+
+    root = Path(__file__).parent.parent / "configs"
+    for path in root.glob("*.yaml"):
+        load_config(path)
+    assert load_config(root / "shapes-cpu.yaml") == Config()

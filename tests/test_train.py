@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+
+from pixrun.checkpoint import latest_checkpoint, list_checkpoints, load_tensors
+from pixrun.config import ConfigError
+from pixrun.pipeline import load_run
+from pixrun.train import train
+
+
+def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tiny_config):
+    straight = tiny_config("straight", train__steps=6, train__checkpoint_every=3, train__sample_every=3)
+    train(straight)
+    first_half = tiny_config("resumed", train__steps=3, train__checkpoint_every=3, train__sample_every=3)
+    train(first_half)
+    second_half = tiny_config("resumed", train__steps=6, train__checkpoint_every=3, train__sample_every=3)
+    train(second_half, resume="latest")
+
+    a, b = latest_checkpoint(straight.run_dir), latest_checkpoint(second_half.run_dir)
+    assert a.name == b.name == "step_0000006"
+    for name in ("weights", "ema", "optimizer"):
+        ta, tb = load_tensors(a, name), load_tensors(b, name)
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{name}:{key} differs after resume"
+    losses = lambda run: [json.loads(line)["loss"] for line in open(f"{run}/metrics.jsonl")]
+    assert losses(straight.run_dir) == losses(second_half.run_dir)
+
+
+def test_training_reduces_the_loss_and_writes_a_complete_run(tiny_config):
+    config = tiny_config(train__steps=80, train__checkpoint_every=40, train__sample_every=40, optim__warmup_steps=10)
+    run_dir = train(config)
+    losses = [json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl")]
+    assert len(losses) == 80
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000040", "step_0000080"]
+    assert (run_dir / "samples" / "step_0000080.png").is_file()
+    assert any((run_dir / "tensorboard").iterdir())
+    # the run loads back as a pipeline and draws
+    pipeline = load_run(run_dir)
+    images = pipeline.generate(["a photo of a red square"], seed=3)
+    assert images.shape == (1, 3, 32, 32) and images.abs().max() <= 1
+    assert torch.equal(images, pipeline.generate(["a photo of a red square"], seed=3))
+
+
+def test_keeps_only_the_last_checkpoints(tiny_config):
+    config = tiny_config(train__steps=4, train__checkpoint_every=1, train__sample_every=100, train__keep_checkpoints=2)
+    train(config)
+    assert [p.name for p in list_checkpoints(config.run_dir)] == ["step_0000003", "step_0000004"]
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_with_another_model(tiny_config):
+    train(tiny_config(train__steps=1))
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        train(tiny_config(train__steps=2))
+    with pytest.raises(ConfigError, match="'model' section"):
+        train(tiny_config(train__steps=2, model__depth=3), resume="latest")
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(tiny_config("empty", train__steps=2), resume="latest")
