@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--json", action="store_true", help="print one JSON object")
     p_eval.add_argument("--per-task", type=int, default=None, help="prompts per task (default: the run's eval config)")
     p_eval.add_argument("--weights", choices=["ema", "weights"], default="ema")
+    p_eval.add_argument("--steps", type=int, default=None)
+    p_eval.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = none)")
+    p_eval.add_argument("--sampler", choices=["euler", "heun"], default=None)
 
     args = parser.parse_args(argv)
     try:
@@ -64,8 +67,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _sample_config(run, args):
-    sample = run.config.sample
+def _sample_config(sample, args):
+    """The run's sampling settings with the command line's changes."""
     changes = {k: v for k, v in {"steps": args.steps, "cfg_scale": args.cfg, "sampler": args.sampler}.items() if v is not None}
     sample = dataclasses.replace(sample, **changes)
     try:
@@ -85,7 +88,7 @@ def cmd_sample(args) -> int:
     if args.num < 1:
         raise UsageError("--num must be at least 1")
     run = load_run(args.run, weights=args.weights)
-    images = to_uint8(run.generate([args.prompt] * args.num, seed=args.seed, sample=_sample_config(run, args)))
+    images = to_uint8(run.generate([args.prompt] * args.num, seed=args.seed, sample=_sample_config(run.config.sample, args)))
     out = args.out or args.run / "sample.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(list(images), axis=1)).save(out)
@@ -99,7 +102,10 @@ def cmd_eval(args) -> int:
     per_task = args.per_task
     if per_task is not None and per_task < 1:
         raise UsageError("--per-task must be at least 1")
-    scores = evaluate_run(args.run, per_task=per_task, weights=args.weights)
+    from pixrun.pipeline import load_run_config
+
+    sample = _sample_config(load_run_config(args.run).sample, args)
+    scores = evaluate_run(args.run, per_task=per_task, weights=args.weights, sample=sample)
     if args.json:
         print(json.dumps(scores))
     else:

@@ -7,6 +7,8 @@ prompts, their include/exclude metadata and the judging rules follow GenEval (dj
 evaluation/evaluate_images.py).
 """
 
+import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -253,12 +255,11 @@ def score(
     }
 
 
-
 def evaluate_run(
-    run_dir: str | Path, per_task: int | None = None, weights: str = "ema"
+    run_dir: str | Path, per_task: int | None = None, weights: str = "ema", sample=None
 ) -> dict[str, float | None]:
     """Score a trained run: generate images for its world's evaluation prompts (the run's eval config;
-    `per_task` overrides prompts_per_task) and apply `score`."""
+    `per_task` overrides prompts_per_task; `sample` replaces the run's sampling settings) and apply `score`."""
     from pixrun.pipeline import build_world, load_run, resolve_device, to_uint8  # the model stack, only here
 
     run = load_run(run_dir, weights=weights)
@@ -271,6 +272,10 @@ def evaluate_run(
     for start in range(0, len(prompts), config.batch_size):
         # Image i of the whole list gets the noise of seed + i, whatever the batching.
         batch = prompts[start : start + config.batch_size]
-        images += list(to_uint8(run.generate(batch, seed=config.seed + start)))
+        images += list(to_uint8(run.generate(batch, seed=config.seed + start, sample=sample)))
     n = config.images_per_prompt
-    return score(specs, [images[i * n : (i + 1) * n] for i in range(len(specs))], world)
+    scores = score(specs, [images[i * n : (i + 1) * n] for i in range(len(specs))], world)
+    sampling = dataclasses.asdict(sample or run.config.sample)
+    record = {**scores, "weights": weights, "prompts": len(specs), "images_per_prompt": n, "sample": sampling}
+    (Path(run_dir) / "eval.json").write_text(json.dumps(record, indent=1))
+    return scores

@@ -106,6 +106,13 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
+class RMSNorm(nn.RMSNorm):
+    """Computed in fp32 also under bf16 autocast, as diffusers' RMSNorm does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
 class Attention(nn.Module):
     """Image queries attend to [text ; image] keys; RoPE on image q/k only, QK RMSNorm."""
 
@@ -114,10 +121,10 @@ class Attention(nn.Module):
         self.heads = heads
         head_dim = width // heads
         self.img_qkv_proj = nn.Linear(width, 3 * width, bias=False)
-        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
-        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_q = RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = RMSNorm(head_dim, eps=1e-6)
         self.txt_kv_proj = nn.Linear(width, 2 * width, bias=False)
-        self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_added_k = RMSNorm(head_dim, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(width, width, bias=False)])
 
     def forward(self, img, txt, rope, txt_mask):

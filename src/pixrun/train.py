@@ -7,7 +7,6 @@ so a run resumed from a checkpoint continues exactly as if it had never stopped.
 import copy
 import dataclasses
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,16 +17,8 @@ from pixrun.flow import Flow
 from pixrun.logger import RunLogger, save_grid
 from pixrun.model import Denoiser, count_parameters
 from pixrun.optim import EMA, build_optimizer, lr_at
-from pixrun.pipeline import Pipeline, build_pipeline, build_world, resolve_device, to_uint8
+from pixrun.pipeline import Pipeline, compute_context, build_pipeline, build_world, resolve_device, to_uint8
 from pixrun.text import TextTower
-
-
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast where the device runs it fast (auto), everywhere (bf16), or never (fp32)."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -97,7 +88,6 @@ def train(config: Config, resume: str | None = None) -> Path:
                 p_state[k] = v.to(device)
     ema_pipeline = copy.deepcopy(pipeline).eval()
     denoiser, text_tower, flow = pipeline.denoiser, pipeline.text_tower, pipeline.flow
-    autocast = autocast_for(device, tc.precision)
 
     print(
         f"pixrun: {run_dir} | denoiser {count_parameters(denoiser) / 1e6:.2f} M params, "
@@ -120,7 +110,7 @@ def train(config: Config, resume: str | None = None) -> Path:
         eps = torch.randn(x0.shape, generator=gen)
         x0, eps, t = x0.to(device), eps.to(device), t.to(device)
         x_t = flow.add_noise(x0, eps, t)
-        with autocast:
+        with compute_context(device, tc.precision):
             txt, mask = text_tower(captions)
             pred = denoiser(x_t, t, txt, mask)
         loss = flow.loss(pred, x0, eps, x_t, t)

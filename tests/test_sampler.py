@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from pixrun.flow import Flow, FlowConfig, sampling_times
+from pixrun.sampler import SAMPLERS, guided_x0_fn
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_an_exact_denoiser_lands_on_its_clean_image(name):
+    flow = Flow(FlowConfig(noise_scale=2.0))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    noise = 2.0 * torch.randn(2, 3, 8, 8, generator=g)
+    out = SAMPLERS[name](lambda x, t: x0, noise, sampling_times(7, 3.0), flow)
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+class EchoModel(torch.nn.Module):
+    """Outputs the mean of its text embedding everywhere: conditional and unconditional differ visibly."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, txt, mask):
+        self.calls.append(x.shape[0])
+        value = (txt * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return value.mean(-1).view(-1, 1, 1, 1).expand_as(x)
+
+
+def test_guidance_on_x0_and_its_interval():
+    flow = Flow(FlowConfig())
+    model = EchoModel()
+    cond = (torch.full((1, 2, 4), 3.0), torch.ones(1, 2, dtype=torch.bool))
+    uncond = (torch.full((1, 1, 4), 1.0), torch.ones(1, 1, dtype=torch.bool))
+    x = torch.zeros(1, 3, 4, 4)
+    guided = guided_x0_fn(model, flow, cond, uncond, cfg_scale=4.0, cfg_interval=[0.2, 0.8])
+    assert torch.allclose(guided(x, torch.tensor([0.5])), torch.full_like(x, 1 + 4 * (3 - 1)))
+    assert model.calls == [2]  # one batched call for both branches
+    assert torch.allclose(guided(x, torch.tensor([0.9])), torch.full_like(x, 3.0))  # outside: conditional only
+    assert model.calls == [2, 1]
+    plain = guided_x0_fn(model, flow, cond, uncond, cfg_scale=1.0, cfg_interval=[0.0, 1.0])
+    assert torch.allclose(plain(x, torch.tensor([0.5])), torch.full_like(x, 3.0))
