@@ -34,7 +34,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 2500
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
