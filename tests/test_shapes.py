@@ -8,8 +8,8 @@ from scipy import ndimage
 from pixrun.data.shapes import (
     COLOR_RGB,
     FRAME_MARGIN,
-    OBJECT_GAP,
     NUMBER_WORDS,
+    OBJECT_GAP,
     RELATIONS,
     SHAPE_KINDS,
     TASKS,
@@ -68,7 +68,7 @@ def test_captions_follow_the_templates_and_describe_the_scene():
     templates = {
         "single_object": rf"a photo of {article} (?P<k0>{kind})",
         "two_object": rf"a photo of {article} (?P<k0>{kind}) and {article} (?P<k1>{kind})",
-        "counting": rf"a photo of (?P<n>two|three|four) (?P<plural>\w+)",
+        "counting": r"a photo of (?P<n>two|three|four) (?P<plural>\w+)",
         "colors": rf"a photo of {article} (?P<c0>{color}) (?P<k0>{kind})",
         "position": rf"a photo of {article} (?P<k0>{kind}) (?P<rel>{'|'.join(RELATIONS)}) {article} (?P<k1>{kind})",
         "color_attr": (

@@ -24,7 +24,8 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tiny_config):
         assert ta.keys() == tb.keys()
         for key in ta:
             assert torch.equal(ta[key], tb[key]), f"{name}:{key} differs after resume"
-    losses = lambda run: [json.loads(line)["loss"] for line in open(f"{run}/metrics.jsonl")]
+    def losses(run):
+        return [json.loads(line)["loss"] for line in open(f"{run}/metrics.jsonl")]
     assert losses(straight.run_dir) == losses(second_half.run_dir)
 
 

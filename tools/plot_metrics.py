@@ -31,7 +31,7 @@ def main(run_dir: str, out: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(f"{Path(run_dir).name}: training loss")
+    ax.set_title("training loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

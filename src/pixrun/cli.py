@@ -69,7 +69,8 @@ def cmd_train(args) -> int:
 
 def _sample_config(sample, args):
     """The run's sampling settings with the command line's changes."""
-    changes = {k: v for k, v in {"steps": args.steps, "cfg_scale": args.cfg, "sampler": args.sampler}.items() if v is not None}
+    given = {"steps": args.steps, "cfg_scale": args.cfg, "sampler": args.sampler}
+    changes = {k: v for k, v in given.items() if v is not None}
     sample = dataclasses.replace(sample, **changes)
     try:
         sample.validate()
@@ -88,7 +89,8 @@ def cmd_sample(args) -> int:
     if args.num < 1:
         raise UsageError("--num must be at least 1")
     run = load_run(args.run, weights=args.weights)
-    images = to_uint8(run.generate([args.prompt] * args.num, seed=args.seed, sample=_sample_config(run.config.sample, args)))
+    sample = _sample_config(run.config.sample, args)
+    images = to_uint8(run.generate([args.prompt] * args.num, seed=args.seed, sample=sample))
     out = args.out or args.run / "sample.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(list(images), axis=1)).save(out)

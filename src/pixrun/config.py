@@ -85,7 +85,8 @@ class Config:
         positive = {
             "train.steps": self.train.steps, "train.batch_size": self.train.batch_size,
             "train.log_every": self.train.log_every, "train.sample_every": self.train.sample_every,
-            "train.checkpoint_every": self.train.checkpoint_every, "train.keep_checkpoints": self.train.keep_checkpoints,
+            "train.checkpoint_every": self.train.checkpoint_every,
+            "train.keep_checkpoints": self.train.keep_checkpoints,
             "optim.lr": self.optim.lr, "ema.every": self.ema.every, "data.resolution": res,
             "eval.prompts_per_task": self.eval.prompts_per_task, "eval.images_per_prompt": self.eval.images_per_prompt,
         }

@@ -8,7 +8,7 @@ from torch import nn
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
     warmup_steps: int = 100

@@ -88,7 +88,8 @@ def guided_x0_fn(model, flow: Flow, cond, uncond, cfg_scale: float, cfg_interval
 def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Stack two batches of token sequences, padding the shorter one (zeros / mask False)."""
     length = max(a.shape[1], b.shape[1])
-    pad = lambda z: torch.nn.functional.pad(z, [0, 0] * (z.dim() - 2) + [0, length - z.shape[1]])
+    def pad(z):
+        return torch.nn.functional.pad(z, [0, 0] * (z.dim() - 2) + [0, length - z.shape[1]])
     return torch.cat([pad(a), pad(b)])
 
 
@@ -101,7 +102,8 @@ def generate(
     cond = text_tower(prompts)
     uncond = text_tower([""] * len(prompts))
     shape = (model.config.in_channels, resolution, resolution)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
+    seeds = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in seeds])
     x = flow.config.noise_scale * noise.to(device)
     x0_fn = guided_x0_fn(model, flow, cond, uncond, config.cfg_scale, config.cfg_interval)
     times = sampling_times(config.steps, config.shift).to(device)

@@ -13,11 +13,12 @@ import torch
 
 from pixrun.checkpoint import latest_checkpoint, load_optimizer, load_state, load_tensors, save_checkpoint
 from pixrun.config import Config, ConfigError, load_config, save_config
+from pixrun.data.shapes import ShapesWorld
 from pixrun.flow import Flow
 from pixrun.logger import RunLogger, save_grid
 from pixrun.model import Denoiser, count_parameters
 from pixrun.optim import EMA, build_optimizer, lr_at
-from pixrun.pipeline import Pipeline, compute_context, build_pipeline, build_world, resolve_device, to_uint8
+from pixrun.pipeline import Pipeline, build_pipeline, build_world, compute_context, resolve_device, to_uint8
 from pixrun.text import TextTower
 
 
@@ -42,9 +43,9 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def prepare(config: Config, checkpoint: Path | None) -> Pipeline:
+def prepare(config: Config, world: ShapesWorld, checkpoint: Path | None) -> Pipeline:
+    """A fresh run's pipeline (its folder set up), or a run's to resume, checked against its saved config."""
     run_dir = Path(config.run_dir)
-    world = build_world(config)
     torch.manual_seed(config.train.seed)
     if checkpoint is None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,31 +68,25 @@ def train(config: Config, resume: str | None = None) -> Path:
         torch.set_num_threads(tc.threads)
     device = resolve_device(tc.device)
     checkpoint = resume_point(run_dir, resume)
-    pipeline = prepare(config, checkpoint)
     world = build_world(config)
+    pipeline = prepare(config, world, checkpoint).to(device)
     params = pipeline.trainable_parameters()
     optimizer = build_optimizer(params, config.optim)
     ema = EMA(params, config.ema)
     start = 0
-    if checkpoint is not None:
+    if checkpoint is not None:  # loading copies onto the device the pieces already live on
         pipeline.load_weights(load_tensors(checkpoint, "weights"))
         state = load_state(checkpoint)
         load_optimizer(optimizer, checkpoint)
         ema.load_state_dict(load_tensors(checkpoint, "ema"), state["ema_updates"])
         start = state["step"]
-    pipeline.to(device)
-    for name, shadow in ema.shadow.items():
-        ema.shadow[name] = shadow.to(device)
-    for p_state in optimizer.state.values():
-        for k, v in p_state.items():
-            if torch.is_tensor(v) and k != "step":
-                p_state[k] = v.to(device)
     ema_pipeline = copy.deepcopy(pipeline).eval()
     denoiser, text_tower, flow = pipeline.denoiser, pipeline.text_tower, pipeline.flow
 
     print(
         f"pixrun: {run_dir} | denoiser {count_parameters(denoiser) / 1e6:.2f} M params, "
-        f"text tower {count_parameters(text_tower.encoder) / 1e6:.2f} M ({'trained' if text_tower.trainable else 'frozen'}) "
+        f"text tower {count_parameters(text_tower.encoder) / 1e6:.2f} M "
+        f"({'trained' if text_tower.trainable else 'frozen'}) "
         f"| {device} | steps {start}->{tc.steps} at batch {tc.batch_size}, {config.data.resolution} px"
     )
     logger = RunLogger(run_dir, tc.steps, start, tc.batch_size)
