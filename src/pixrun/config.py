@@ -122,12 +122,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config
 
 
-def config_to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
 def _apply_preset(raw: dict) -> dict:

@@ -40,9 +40,6 @@ class RunLogger:
     def image(self, tag: str, path: Path, step: int) -> None:
         self.tensorboard.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
 
-    def write(self, message: str) -> None:
-        self.bar.write(message)
-
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
