@@ -12,13 +12,21 @@ from pathlib import Path
 import torch
 
 from pixrun.checkpoint import latest_checkpoint, load_optimizer, load_state, load_tensors, save_checkpoint
-from pixrun.config import Config, ConfigError, load_config, save_config
+from pixrun.config import Config, ConfigError, save_config
 from pixrun.data.shapes import ShapesWorld
 from pixrun.flow import Flow
 from pixrun.logger import RunLogger, save_grid
 from pixrun.model import Denoiser, count_parameters
 from pixrun.optim import EMA, build_optimizer, lr_at
-from pixrun.pipeline import Pipeline, build_pipeline, build_world, compute_context, resolve_device, to_uint8
+from pixrun.pipeline import (
+    Pipeline,
+    build_pipeline,
+    build_world,
+    compute_context,
+    load_run_config,
+    resolve_device,
+    to_uint8,
+)
 from pixrun.text import TextTower
 
 
@@ -52,7 +60,7 @@ def prepare(config: Config, world: ShapesWorld, checkpoint: Path | None) -> Pipe
         pipeline = build_pipeline(config, world.vocabulary(), run_dir)
         save_config(config, run_dir / "config.yaml")
         return pipeline
-    saved = load_config(run_dir / "config.yaml")
+    saved = load_run_config(run_dir)
     config.model.context_dim = saved.model.context_dim
     for section in ("model", "text", "flow", "data"):
         if getattr(saved, section) != getattr(config, section):
