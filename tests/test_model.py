@@ -3,7 +3,7 @@ import torch
 
 from pixrun.model import PRESETS, Denoiser, ModelConfig, count_parameters
 
-TINY = dict(width=64, depth=2, heads=4, axes_dim=[8, 8], patch_size=8, bottleneck=32, context_dim=48)
+TINY = {"width": 64, "depth": 2, "heads": 4, "axes_dim": [8, 8], "patch_size": 8, "bottleneck": 32, "context_dim": 48}
 
 
 def diffusers_twin(c: ModelConfig):

@@ -1,7 +1,8 @@
+import pytest
 import torch
 import transformers
 
-from pixrun.text import TextConfig, TextTower, word_tokenizer
+from pixrun.text import CLEANERS, TextConfig, TextTower, basic_clean, web_clean, word_tokenizer
 
 
 def test_small_tower_tokenizes_words_pads_and_learns():
@@ -31,7 +32,7 @@ def test_pretrained_encoder_loads_from_a_local_path_and_stays_frozen(tmp_path):
     )
     tokenizer.save_pretrained(tmp_path)
     encoder.save_pretrained(tmp_path)
-    tower = TextTower.build(TextConfig(encoder=str(tmp_path), max_tokens=3), [])
+    tower = TextTower.build(TextConfig(encoder=str(tmp_path), max_tokens=3, dtype="float32"), [])
     assert not tower.trainable and not any(p.requires_grad for p in tower.parameters())
     emb, mask = tower(["a red circle", "a"])
     assert emb.shape == (2, 3, 24) and mask.tolist() == [[True, True, True], [True, True, False]]  # truncated
@@ -39,3 +40,16 @@ def test_pretrained_encoder_loads_from_a_local_path_and_stays_frozen(tmp_path):
     assert tokenizer.convert_ids_to_tokens(ids) == ["a", "red", "</s>"]
     expected = encoder.eval()(input_ids=torch.tensor([ids])).last_hidden_state
     assert torch.allclose(emb[:1], expected, atol=1e-6)
+
+
+def test_prompt_cleaning_settings():
+    assert basic_clean("  Tom &amp;amp; Jerry\u2019s  ") == "Tom & Jerry's"  # as diffusers' PRXPixelPipeline
+    assert web_clean("a red  circle https://example.com/x.jpg by @someone\n www.shop.com") == "a red circle by"
+    assert CLEANERS["none"]("  kept  ") == "  kept  "
+    vocabulary = ["a", "red", "&", "circle"]
+    raw = TextTower.build(TextConfig(width=32, depth=1, heads=2, clean="none"), vocabulary)
+    cleaned = TextTower.build(TextConfig(width=32, depth=1, heads=2, clean="basic"), vocabulary)
+    assert raw.tokenizer.unk_token_id in raw.tokenizer("a red &amp; circle").input_ids
+    assert cleaned(["a red &amp; circle"])[1].sum() == 5 and raw(["a red &amp; circle"])[1].sum() == 7
+    with pytest.raises(ValueError, match="text.clean"):
+        TextConfig(clean="strict").validate()

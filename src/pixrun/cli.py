@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, FileNotFoundError) as e:
         print(f"pixrun: error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except RuntimeError as e:
+        from pixrun.train import TrainingError
+
+        if not isinstance(e, TrainingError):
+            raise
+        print(f"pixrun: error: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_train(args) -> int:

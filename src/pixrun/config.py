@@ -12,8 +12,10 @@ from pathlib import Path
 import yaml
 
 from pixrun.flow import FlowConfig
-from pixrun.model import PRESETS, ModelConfig
+from pixrun.metrics import MetricsConfig
+from pixrun.model import PRESETS, ModelConfig, TokenRouting
 from pixrun.optim import EMAConfig, OptimConfig
+from pixrun.parallel import ParallelConfig
 from pixrun.sampler import SampleConfig
 from pixrun.text import TextConfig
 
@@ -44,6 +46,8 @@ class TrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    metrics_every: int = 0  # FID/KID/CMMD/DINO-MMD and MSE by t on the EMA model every N steps; 0 = never
+    max_nonfinite_in_row: int = 20  # a non-finite loss skips its step; this many in a row stop the run
 
 
 @dataclass
@@ -64,6 +68,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tread: TokenRouting = field(default_factory=TokenRouting)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -73,6 +80,11 @@ class Config:
             self.text.validate()
             self.flow.validate()
             self.sample.validate()
+            self.parallel.validate()
+            self.optim.validate()
+            self.metrics.validate()
+            if self.tread.enabled:
+                self.tread.blocks(self.model.depth)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         res, patch = self.data.resolution, self.model.patch_size
@@ -87,6 +99,7 @@ class Config:
             "train.log_every": self.train.log_every, "train.sample_every": self.train.sample_every,
             "train.checkpoint_every": self.train.checkpoint_every,
             "train.keep_checkpoints": self.train.keep_checkpoints,
+            "train.max_nonfinite_in_row": self.train.max_nonfinite_in_row,
             "optim.lr": self.optim.lr, "ema.every": self.ema.every, "data.resolution": res,
             "eval.prompts_per_task": self.eval.prompts_per_task, "eval.images_per_prompt": self.eval.images_per_prompt,
         }

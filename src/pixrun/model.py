@@ -4,6 +4,11 @@ Image patches are the queries of every block; keys and values are [text ; image]
 `txt_in`; each block has its own text K/V projection. Conditioning on t (and optionally resolution) goes through
 adaLN modulation. Parameter names and shapes follow diffusers' `PRXTransformer2DModel`, so a trained state dict
 loads there unchanged.
+
+TREAD (token routing): given a `RoutePlan`, only the image tokens in `plan.kept_index` go through the blocks in
+`plan.blocks`; the others skip them and are put back at their own positions after the last of them. A forward hook
+on `blocks[i]` therefore sees (B, N_kept, width) hidden states, ordered as `plan.kept_index`, for i in
+`plan.blocks`, and all (B, N, width) image tokens for every other block (`plan.tokens_at(i)` says which).
 """
 
 import math
@@ -55,6 +60,38 @@ PRESETS: dict[str, ModelConfig] = {
         width=1792, depth=16, heads=28, mlp_ratio=3.5, patch_size=32, bottleneck=256, context_dim=2304
     ),
 }
+
+
+@dataclass
+class TokenRouting:
+    """TREAD: a random `fraction` of image tokens per sample skips `blocks[start:end]` (a Python slice, so end < 0
+    counts from the last block). The recipe routes 50 % from block 2 (index 1) up to the penultimate block."""
+
+    enabled: bool = False  # read by the trainer: plan a routing per step, or not
+    fraction: float = 0.5
+    start: int = 1
+    end: int = -1
+
+    def blocks(self, depth: int) -> range:
+        """The routed blocks of a depth-`depth` model; raises ValueError on a bad setting."""
+        routed = range(depth)[self.start:self.end]
+        if not 0 <= self.fraction < 1:
+            raise ValueError(f"tread.fraction must be in [0, 1), got {self.fraction}")
+        if not routed:
+            raise ValueError(f"tread.start {self.start}, tread.end {self.end} select no block of a depth-{depth} model")
+        return routed
+
+
+@dataclass
+class RoutePlan:
+    """Which image tokens go through the routed blocks: `kept_index` (B, N_kept), sorted, distinct per sample."""
+
+    kept_index: torch.Tensor
+    blocks: range
+
+    def tokens_at(self, block: int) -> torch.Tensor | None:
+        """The image tokens block `block` sees: `kept_index`, or None for all of them."""
+        return self.kept_index if block in self.blocks else None
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float, scale: float = 1.0) -> torch.Tensor:
@@ -224,8 +261,28 @@ class Denoiser(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor | None = None):
-        """x: (B, C, H, W) noisy image; t: (B,) in [0, 1], 1 = pure noise; txt: (B, L, context_dim)."""
+    def plan_routing(
+        self, routing: TokenRouting, batch: int, num_tokens: int, generator: torch.Generator | None = None, device=None
+    ) -> RoutePlan:
+        """Draw each sample's kept tokens (uniformly, without replacement) from `generator`. The trainer passes its
+        per-step generator, so a resumed run routes exactly as before; sampling passes a freshly seeded one, so its
+        routed prediction is deterministic."""
+        blocks = routing.blocks(self.config.depth)
+        kept = num_tokens - int(routing.fraction * num_tokens)
+        scores = torch.rand(batch, num_tokens, generator=generator)
+        kept_index = scores.argsort(dim=1)[:, :kept].sort(dim=1).values
+        return RoutePlan(kept_index.to(device), blocks)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        txt: torch.Tensor,
+        txt_mask: torch.Tensor | None = None,
+        routing: RoutePlan | None = None,
+    ):
+        """x: (B, C, H, W) noisy image; t: (B,) in [0, 1], 1 = pure noise; txt: (B, L, context_dim).
+        routing: None runs every token through every block; else TREAD with that plan."""
         c = self.config
         b, _, h, w = x.shape
         img = self.img_in(patchify(x, c.patch_size))
@@ -234,9 +291,23 @@ class Denoiser(nn.Module):
         vec = self.time_in(timestep_embedding(t, 256, c.time_max_period, c.time_factor).to(img.dtype))
         if self.resolution_embedder is not None:
             vec = vec + self.resolution_embedder(x.new_full((b,), h), x.new_full((b,), w))
-        for block in self.blocks:
-            img = block(img, txt, vec, rope, txt_mask)
+        if routing is None:
+            for block in self.blocks:
+                img = block(img, txt, vec, rope, txt_mask)
+        else:
+            img = self.routed_blocks(img, txt, vec, rope, txt_mask, routing)
         return unpatchify(self.final_layer(img, vec), c.patch_size, h, w)
+
+    def routed_blocks(self, img, txt, vec, rope, txt_mask, plan: RoutePlan) -> torch.Tensor:
+        index = plan.kept_index[:, :, None].expand(-1, -1, img.shape[-1])
+        kept_rope = rope[plan.kept_index][:, None]  # (B, 1, N_kept, head_dim / 2): RoPE of the kept tokens' positions
+        for i, block in enumerate(self.blocks):
+            if i == plan.blocks.start:
+                all_tokens, img = img, img.gather(1, index)
+            img = block(img, txt, vec, kept_rope if i in plan.blocks else rope, txt_mask)
+            if i == plan.blocks.stop - 1:
+                img = all_tokens.scatter(1, index, img.to(all_tokens.dtype))
+        return img
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,18 +1,46 @@
-"""Optimizer, learning-rate schedule and the EMA of the weights."""
+"""Optimizer (AdamW, or Muon for the blocks' matrices with AdamW for the rest), learning-rate schedule and the EMA of
+the weights."""
 
+import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+MUON_LR_SCALING = {
+    "match_rms_adamw": lambda rows, cols: 0.2 * math.sqrt(max(rows, cols)),
+    "original": lambda rows, cols: math.sqrt(max(1.0, rows / cols)),
+}
+BLOCK_MATRIX = re.compile(r"(^|\.)blocks\.\d+\.")  # denoiser.blocks.N.*, not the text tower's encoder.block.N.*
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
+    name: str = "adamw"  # adamw | muon (Muon for the 2-D weights inside the denoiser's blocks, AdamW for the rest)
+    lr: float = 5e-4  # AdamW's
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    muon_lr: float = 1e-4
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_weight_decay: float = 0.0
+    # How the orthogonalised update is scaled per matrix (A x B): "match_rms_adamw" = 0.2 * sqrt(max(A, B)), so its
+    # RMS is AdamW's and the recipe's lr 1e-4 carries over (Moonshot); "original" = sqrt(max(1, A / B)) (Keller Jordan).
+    muon_lr_scaling: str = "match_rms_adamw"
+
+    def validate(self) -> None:
+        if self.name not in ("adamw", "muon"):
+            raise ValueError(f"optim.name must be adamw or muon, got {self.name!r}")
+        if self.muon_lr_scaling not in MUON_LR_SCALING:
+            known = ", ".join(MUON_LR_SCALING)
+            raise ValueError(f"optim.muon_lr_scaling must be one of {known}, got {self.muon_lr_scaling!r}")
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1 or self.muon_ns_steps < 1:
+            raise ValueError("optim.muon_lr and optim.muon_ns_steps must be positive, optim.muon_momentum in [0, 1)")
 
 
 @dataclass
@@ -23,19 +51,115 @@ class EMAConfig:
 
 
 def build_optimizer(params: dict[str, nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (not on biases, norms or embeddings' 1-D parts)."""
+    """AdamW with weight decay only on matrices; or, for `name: muon`, one MuonAdamW with Muon on the blocks' matrices.
+
+    Every group carries "muon", so `set_lr` knows which learning rate it takes."""
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), fused=False)
+    if config.name == "adamw":
+        groups = [
+            {"params": decay, "weight_decay": config.weight_decay, "muon": False},
+            {"params": no_decay, "weight_decay": 0.0, "muon": False},
+        ]
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), fused=False)
+    muon = [p for name, p in params.items() if p.dim() == 2 and BLOCK_MATRIX.search(name)]
+    muon_ids = {id(p) for p in muon}
+    adamw = {"lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "muon": False}
+    return MuonAdamW([
+        {
+            "params": muon, "muon": True, "lr": config.muon_lr, "weight_decay": config.muon_weight_decay,
+            "momentum": config.muon_momentum, "nesterov": config.muon_nesterov, "ns_steps": config.muon_ns_steps,
+            "lr_scaling": config.muon_lr_scaling,
+        },
+        {**adamw, "params": [p for p in decay if id(p) not in muon_ids], "weight_decay": config.weight_decay},
+        {**adamw, "params": no_decay, "weight_decay": 0.0},
+    ])
+
+
+def warmup_factor(step: int, config: OptimConfig) -> float:
+    return min(1.0, (step + 1) / max(1, config.warmup_steps))
 
 
 def lr_at(step: int, config: OptimConfig) -> float:
     """Linear warm-up, then constant (the recipe's schedule). A pure function of the step, so resume needs no state."""
-    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+    return config.lr * warmup_factor(step, config)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, config: OptimConfig) -> None:
+    """The schedule of `lr_at` on every group: Muon's groups from optim.muon_lr, the others from optim.lr."""
+    for group in optimizer.param_groups:
+        peak = config.muon_lr if group["muon"] else config.lr
+        group["lr"] = peak * warmup_factor(step, config)
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximately U V^T of matrix = U S V^T by the quintic Newton-Schulz iteration of Muon, in bf16.
+
+    The coefficients trade exactness for speed: singular values end up in roughly [0.7, 1.2], not exactly 1."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix.bfloat16()
+    tall = x.shape[0] > x.shape[1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)  # Frobenius norm >= spectral norm, so singular values start in [0, 1]
+    for _ in range(steps):  # x <- a x + (b G + c G^2) x with G = x x^T; addmm rounds once per product in bf16
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on the param groups with "muon": True, AdamW on the others: one optimizer, one state dict.
+
+    Muon keeps a momentum buffer, takes its Nesterov step and replaces it by its orthogonalisation. Newton-Schulz needs
+    the whole matrix: an FSDP2-sharded parameter (a DTensor) has its update gathered, orthogonalised identically on
+    every rank, and each rank keeps its own shard. Momentum and AdamW's moments stay sharded."""
+
+    def __init__(self, groups: list[dict]):
+        super().__init__(groups, defaults={})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            update = self._muon_update if group["muon"] else self._adamw_update
+            for p in group["params"]:
+                if p.grad is not None:
+                    update(p, self.state[p], group)
+        return loss
+
+    @staticmethod
+    def _muon_update(p: torch.Tensor, state: dict, group: dict) -> None:
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        momentum, buffer = group["momentum"], state["momentum_buffer"]
+        buffer.lerp_(p.grad, 1 - momentum)
+        direction = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+        if isinstance(direction, DTensor):
+            direction = direction.full_tensor()
+        ortho = orthogonalize(direction, group["ns_steps"]).to(p.dtype)
+        if isinstance(p, DTensor):
+            ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)  # slice, no comms
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(ortho, alpha=-group["lr"] * MUON_LR_SCALING[group["lr_scaling"]](*direction.shape))
+
+    @staticmethod
+    def _adamw_update(p: torch.Tensor, state: dict, group: dict) -> None:
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        step = state["step"].item()
+        beta1, beta2 = group["betas"]
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1**step))
 
 
 class EMA:

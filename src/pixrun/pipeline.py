@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pixrun.checkpoint import latest_checkpoint, load_tensors
+from pixrun.checkpoint import latest_good_checkpoint, load_tensors
 from pixrun.config import Config, ConfigError, load_config
 from pixrun.data.shapes import ShapesWorld
 from pixrun.flow import Flow
@@ -40,14 +40,17 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
+
+
 @contextmanager
 def compute_context(device: torch.device, precision: str):
     """bf16 autocast (weights stay fp32) where it is fast (auto), always (bf16), or never (fp32). On CPU,
     attention uses the plain math kernel: for pixrun's short sequences it beats the flash kernel, whose
     bf16 backward is several times slower than its fp32 one."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
     with ExitStack() as stack:
-        if use_bf16:
+        if uses_bf16(device, precision):
             stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
         if device.type == "cpu":
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
@@ -91,7 +94,7 @@ class Pipeline:
         with compute_context(device, self.config.train.precision):
             return generate(
                 self.denoiser, self.text_tower, self.flow, prompts, self.config.data.resolution,
-                sample or self.config.sample, seed,
+                sample or self.config.sample, seed, routing=self.config.tread,
             )
 
 
@@ -112,7 +115,7 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.devi
     """A trained run, from its config.yaml and latest checkpoint; `weights` is ema or weights (the raw ones)."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = latest_good_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
     text_tower = TextTower.load(config.text, run_dir)

@@ -1,15 +1,17 @@
 """Sampling: Euler and Heun over the x0 -> v conversion, with classifier-free guidance.
 
 The ODE solvers see only a function (x_t, t) -> x0 and a list of times; `generate` wires the denoiser, the text
-tower and guidance into such a function.
+tower and guidance into such a function. With `time_grid: diffusers`, Euler, cfg_interval [0, 1] and the run's
+noise scale, `generate` computes what diffusers' PRXPixelPipeline computes for an exported run (docs/export.md).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
-from pixrun.flow import Flow, sampling_times
+from pixrun.flow import Flow, sampling_times, shift_time
 
 X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -19,8 +21,11 @@ class SampleConfig:
     sampler: str = "euler"  # euler | heun
     steps: int = 40
     shift: float = 3.0  # warp of the time grid, as in training
+    time_grid: str = "linear"  # linear: shifted linspace(1, 0) | diffusers: as FlowMatchEulerDiscreteScheduler
     cfg_scale: float = 4.0  # 1 = no guidance
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
+    self_guidance: float = 1.0  # TREAD self-guidance w: routed + w * (dense - routed); 1 = dense only
+    self_guidance_seed: int = 0  # the routed pass drops the same tokens at every step
     grid_prompts: list[str] = field(
         default_factory=lambda: [
             "a photo of a circle",
@@ -38,6 +43,10 @@ class SampleConfig:
     def validate(self) -> None:
         if self.sampler not in ("euler", "heun"):
             raise ValueError(f"sample.sampler must be euler or heun, got {self.sampler!r}")
+        if self.time_grid not in TIME_GRIDS:
+            raise ValueError(f"sample.time_grid must be one of {', '.join(TIME_GRIDS)}, got {self.time_grid!r}")
+        if self.self_guidance < 0:
+            raise ValueError(f"sample.self_guidance must be >= 0, got {self.self_guidance}")
         if self.steps < 1 or self.cfg_scale < 0 or self.shift <= 0 or self.grid_seeds < 1:
             raise ValueError("sample.steps, sample.shift and sample.grid_seeds must be positive, cfg_scale >= 0")
         lo, hi = self.cfg_interval if len(self.cfg_interval) == 2 else (1, 0)
@@ -45,15 +54,27 @@ class SampleConfig:
             raise ValueError(f"sample.cfg_interval must be [lo, hi] within [0, 1], got {self.cfg_interval}")
 
 
+def diffusers_times(steps: int, shift: float, train_timesteps: int = 1000) -> torch.Tensor:
+    """The times of diffusers' FlowMatchEulerDiscreteScheduler(shift=shift), then 0: `steps` points spaced evenly
+    from 1 down to its smallest training time (1 / train_timesteps, already shifted), then all shifted once more,
+    as the scheduler does. Their last non-zero time is far smaller than the linear grid's shift(1 / steps)."""
+    lowest = shift_time(torch.tensor(1 / train_timesteps, dtype=torch.float32), shift).double()
+    times = shift_time(torch.linspace(1.0, float(lowest), steps, dtype=torch.float64), shift)
+    return torch.cat([times.float(), torch.zeros(1)])
+
+
+TIME_GRIDS = {"linear": sampling_times, "diffusers": diffusers_times}
+
+
 def sample_euler(x0_fn: X0Fn, x: torch.Tensor, times: torch.Tensor, flow: Flow) -> torch.Tensor:
-    for t, t_next in zip(times[:-1], times[1:]):
+    for t, t_next in pairwise(times):
         tb = t.expand(x.shape[0]).to(x.device)
         x = x + (t_next - t) * flow.to_v(x0_fn(x, tb), x, tb)
     return x
 
 
 def sample_heun(x0_fn: X0Fn, x: torch.Tensor, times: torch.Tensor, flow: Flow) -> torch.Tensor:
-    for t, t_next in zip(times[:-1], times[1:]):
+    for t, t_next in pairwise(times):
         tb, tb_next = t.expand(x.shape[0]).to(x.device), t_next.expand(x.shape[0]).to(x.device)
         v = flow.to_v(x0_fn(x, tb), x, tb)
         x_euler = x + (t_next - t) * v
@@ -85,6 +106,21 @@ def guided_x0_fn(model, flow: Flow, cond, uncond, cfg_scale: float, cfg_interval
     return x0_fn
 
 
+def self_guided(model, routing, weight: float, seed: int):
+    """TREAD self-guidance: the model with tokens routed around its middle blocks is a weaker version of itself;
+    extrapolate away from it, out = routed + w * (dense - routed). The output is affine in x0, so this holds in x0."""
+
+    def call(x, t, txt, mask):
+        dense = model(x, t, txt, mask)
+        p = model.config.patch_size
+        tokens = (x.shape[-2] // p) * (x.shape[-1] // p)
+        plan = model.plan_routing(routing, x.shape[0], tokens, torch.Generator().manual_seed(seed), x.device)
+        routed = model(x, t, txt, mask, routing=plan)
+        return routed + weight * (dense - routed)
+
+    return call
+
+
 def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Stack two batches of token sequences, padding the shorter one (zeros / mask False)."""
     length = max(a.shape[1], b.shape[1])
@@ -95,9 +131,11 @@ def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(
-    model, text_tower, flow: Flow, prompts: list[str], resolution: int, config: SampleConfig, seed: int = 0
+    model, text_tower, flow: Flow, prompts: list[str], resolution: int, config: SampleConfig, seed: int = 0,
+    routing=None,
 ) -> torch.Tensor:
-    """Images in [-1, 1], one per prompt; image i starts from the noise of seed `seed + i`, whatever the batch."""
+    """Images in [-1, 1], one per prompt; image i starts from the noise of seed `seed + i`, whatever the batch.
+    `routing` (the run's TREAD setting) enables self-guidance when config.self_guidance != 1."""
     device = next(model.parameters()).device
     cond = text_tower(prompts)
     uncond = text_tower([""] * len(prompts))
@@ -105,6 +143,10 @@ def generate(
     seeds = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     noise = torch.stack([torch.randn(shape, generator=g) for g in seeds])
     x = flow.config.noise_scale * noise.to(device)
-    x0_fn = guided_x0_fn(model, flow, cond, uncond, config.cfg_scale, config.cfg_interval)
-    times = sampling_times(config.steps, config.shift).to(device)
+    if routing is not None and config.self_guidance != 1:
+        model_fn = self_guided(model, routing, config.self_guidance, config.self_guidance_seed)
+    else:
+        model_fn = model
+    x0_fn = guided_x0_fn(model_fn, flow, cond, uncond, config.cfg_scale, config.cfg_interval)
+    times = TIME_GRIDS[config.time_grid](config.steps, config.shift).to(device)
     return SAMPLERS[config.sampler](x0_fn, x, times, flow).clamp(-1, 1)

@@ -2,13 +2,18 @@
 
 One code path for both kinds of encoder: a transformers model plus its tokenizer. The CPU default is a small T5
 encoder initialised from a config and trained jointly with the denoiser, with a word-level tokenizer built by the
-`tokenizers` library from the data's vocabulary; a pretrained encoder is the same class loaded from a hub id or a
-local directory, and stays frozen.
+`tokenizers` library from the data's vocabulary. A pretrained encoder (T5Gemma's encoder, a Qwen3 base model, a
+T5 / UMT5 encoder) is loaded from a hub id or a local directory, the same way for both, in bf16, and stays frozen;
+its class follows the checkpoint's `model_type` unless `encoder_class` names one.
 """
 
-from dataclasses import dataclass
+import hashlib
+import html
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ftfy
 import torch
 import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -16,28 +21,66 @@ from torch import nn
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "</s>")
 
+# The encoder-only class for each checkpoint family; a full encoder-decoder or causal-LM checkpoint loads into it
+# with its decoder / LM head left out.
+ENCODER_CLASSES = {
+    "t5": "T5EncoderModel",
+    "mt5": "MT5EncoderModel",
+    "umt5": "UMT5EncoderModel",
+    "t5gemma": "T5GemmaEncoderModel",
+    "qwen2": "Qwen2Model",
+    "qwen3": "Qwen3Model",
+    "qwen3_moe": "Qwen3MoeModel",
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+URL = re.compile(r"\b(?:https?://|www\.)\S+", re.IGNORECASE)
+HANDLE = re.compile(r"(?<!\w)@\w+")
+
 
 @dataclass
 class TextConfig:
     encoder: str = "small"  # "small" (trained jointly, from scratch) or a hub id / local path (frozen)
-    encoder_class: str = "T5EncoderModel"  # any transformers class whose output has `last_hidden_state`
+    encoder_class: str = "auto"  # auto: by the checkpoint's model_type (ENCODER_CLASSES); or a transformers class
+    dtype: str = "bfloat16"  # weights of a frozen pretrained encoder: bfloat16 | float32
     width: int = 256  # the small encoder's size
     depth: int = 2
     heads: int = 4
     ff_mult: int = 3
-    max_tokens: int = 32
+    max_tokens: int = 32  # prompts are truncated to this many tokens (the recipe: 256)
+    clean: str = "basic"  # prompt cleaning: none | basic (as diffusers' PRXPixelPipeline) | web (basic + urls, ...)
+    cache_dir: str | None = None  # embeddings of a frozen encoder kept here (text_cache.py); None: encode each step
 
     @property
     def trainable(self) -> bool:
         return self.encoder == "small"
 
     def validate(self) -> None:
-        if not hasattr(transformers, self.encoder_class):
+        if self.encoder_class != "auto" and not hasattr(transformers, self.encoder_class):
             raise ValueError(f"text.encoder_class {self.encoder_class!r} is not a transformers class")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"text.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.clean not in CLEANERS:
+            raise ValueError(f"text.clean must be one of {', '.join(CLEANERS)}, got {self.clean!r}")
         if self.width % self.heads:
             raise ValueError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
         if self.max_tokens < 1:
             raise ValueError("text.max_tokens must be at least 1")
+        if self.cache_dir and self.trainable:
+            raise ValueError("text.cache_dir needs a frozen pretrained text.encoder: the small one changes every step")
+
+
+def basic_clean(prompt: str) -> str:
+    """What diffusers' PRXPixelPipeline does to every prompt: mend mojibake, unescape HTML (twice), strip."""
+    return html.unescape(html.unescape(ftfy.fix_text(prompt))).strip()
+
+
+def web_clean(prompt: str) -> str:
+    """basic_clean, then drop urls and @handles and collapse whitespace: for captions scraped from the web."""
+    prompt = HANDLE.sub("", URL.sub("", basic_clean(prompt)))
+    return " ".join(prompt.split())
+
+
+CLEANERS = {"none": lambda prompt: prompt, "basic": basic_clean, "web": web_clean}
 
 
 def word_tokenizer(vocabulary: list[str]) -> transformers.PreTrainedTokenizerFast:
@@ -68,14 +111,41 @@ def small_encoder(config: TextConfig, vocab_size: int) -> nn.Module:
     return transformers.T5EncoderModel(t5)
 
 
+def encoder_class(config: TextConfig, model_type: str) -> type:
+    name = config.encoder_class
+    if name == "auto":
+        if model_type not in ENCODER_CLASSES:
+            raise ValueError(
+                f"text encoder {config.encoder!r} has model_type {model_type!r}, which pixrun has no encoder class "
+                f"for (known: {', '.join(ENCODER_CLASSES)}); set text.encoder_class"
+            )
+        name = ENCODER_CLASSES[model_type]
+    return getattr(transformers, name)
+
+
+def pretrained_encoder(config: TextConfig) -> nn.Module:
+    """A frozen encoder from a hub id or a local directory, with the same code for both."""
+    model_type = transformers.AutoConfig.from_pretrained(config.encoder).model_type
+    cls = encoder_class(config, model_type)
+    # T5Gemma checkpoints are encoder-decoders; its encoder-only class wants the flag off.
+    extra = {"is_encoder_decoder": False} if model_type == "t5gemma" else {}
+    return cls.from_pretrained(config.encoder, dtype=DTYPES[config.dtype], **extra)
+
+
 class TextTower(nn.Module):
-    def __init__(self, tokenizer, encoder: nn.Module, max_tokens: int, trainable: bool):
+    def __init__(self, tokenizer, encoder: nn.Module, config: TextConfig):
         super().__init__()
         self.tokenizer = tokenizer
+        # Right padding: real tokens keep their positions whatever the batch, so an embedding can be cached.
+        # Set in init_kwargs too, which is what save_pretrained writes (for exports).
+        self.tokenizer.padding_side = self.tokenizer.init_kwargs["padding_side"] = "right"
         self.encoder = encoder
-        self.max_tokens = max_tokens
-        self.trainable = trainable
-        encoder.requires_grad_(trainable)
+        self.config = config
+        self.max_tokens = config.max_tokens
+        self.trainable = config.trainable
+        self.clean = CLEANERS[config.clean]
+        encoder.requires_grad_(self.trainable)
+        self.train()  # a frozen encoder in eval mode from the start
 
     @property
     def dim(self) -> int:
@@ -89,8 +159,8 @@ class TextTower(nn.Module):
             encoder = small_encoder(config, len(tokenizer))
         else:
             tokenizer = transformers.AutoTokenizer.from_pretrained(config.encoder)
-            encoder = getattr(transformers, config.encoder_class).from_pretrained(config.encoder)
-        tower = cls(tokenizer, encoder, config.max_tokens, config.trainable)
+            encoder = pretrained_encoder(config)
+        tower = cls(tokenizer, encoder, config)
         if run_dir is not None:
             tower.save_definition(run_dir)
         return tower
@@ -107,14 +177,42 @@ class TextTower(nn.Module):
             return cls.build(config, [])
         tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "tokenizer")
         encoder_config = transformers.AutoConfig.from_pretrained(run_dir / "text_encoder")
-        encoder = getattr(transformers, config.encoder_class)(encoder_config)
-        return cls(tokenizer, encoder, config.max_tokens, trainable=True)
+        encoder = encoder_class(config, encoder_config.model_type)(encoder_config)
+        return cls(tokenizer, encoder, config)
+
+    def train(self, mode: bool = True) -> "TextTower":
+        """A frozen encoder stays in eval mode (no dropout) whatever the training loop asks."""
+        super().train(mode)
+        if not self.trainable:
+            self.encoder.eval()
+        return self
+
+    def identity(self) -> dict:
+        """What determines a frozen tower's embeddings: source, class, settings and a fingerprint of the weights."""
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for name, p in self.encoder.state_dict().items():
+                sample = p.flatten()[:: max(1, p.numel() // 4096)].float().cpu()  # a cheap, spread-out sample
+                digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+                digest.update(sample.numpy().tobytes())
+        settings = asdict(self.config)
+        for unused in ("width", "depth", "heads", "ff_mult", "cache_dir"):  # no bearing on a frozen encoder's output
+            settings.pop(unused)
+        return {**settings, "class": type(self.encoder).__name__, "weights": digest.hexdigest()[:32]}
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, dim) embeddings, zero at padding, and the (B, L) mask of real tokens; float32 for a frozen
+        encoder whatever its weights' dtype. L is the longest prompt's length, at least 1."""
         device = next(self.encoder.parameters()).device
+        cleaned = [self.clean(p) for p in prompts]
         tokens = self.tokenizer(
-            prompts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        ).to(device)
+            cleaned, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        if tokens.input_ids.shape[1] == 0:  # only empty prompts, and a tokenizer that adds no special token
+            tokens = self.tokenizer(cleaned, padding="max_length", max_length=1, return_tensors="pt")
+        tokens = tokens.to(device)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            out = self.encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        return out.last_hidden_state, tokens.attention_mask.bool()
+            out = self.encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        mask = tokens.attention_mask.bool()
+        out = torch.where(mask[..., None], out, 0)  # some encoders leave fully masked rows non-finite
+        return (out if self.trainable else out.float()), mask

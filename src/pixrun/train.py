@@ -1,33 +1,33 @@
-"""The training loop: data -> text tower -> flow (t, noise) -> denoiser -> loss -> AdamW/EMA -> checkpoint.
+"""The training loop: data -> text tower -> flow (t, noise) -> denoiser -> loss -> optimizer/EMA -> checkpoint.
 
 Every random draw of step k comes from generators seeded by (seed, k), and the learning rate is a function of k,
-so a run resumed from a checkpoint continues exactly as if it had never stopped.
+so there is no random stream to save: a run resumed from a checkpoint continues exactly as if it had never
+stopped. The draws are made for the global batch and each rank takes its slice, so 1 process and N processes
+with the same global batch train the same model.
 """
 
 import copy
 import dataclasses
+import signal
 import time
 from pathlib import Path
 
 import torch
 
-from pixrun.checkpoint import latest_checkpoint, load_optimizer, load_state, load_tensors, save_checkpoint
+from pixrun.checkpoint import Checkpointer, latest_good_checkpoint, list_checkpoints, whole_tensor
 from pixrun.config import Config, ConfigError, save_config
-from pixrun.data.shapes import ShapesWorld
 from pixrun.flow import Flow
 from pixrun.logger import RunLogger, save_grid
-from pixrun.model import Denoiser, count_parameters
-from pixrun.optim import EMA, build_optimizer, lr_at
-from pixrun.pipeline import (
-    Pipeline,
-    build_pipeline,
-    build_world,
-    compute_context,
-    load_run_config,
-    resolve_device,
-    to_uint8,
-)
+from pixrun.model import Denoiser, RoutePlan, count_parameters
+from pixrun.optim import EMA, build_optimizer, lr_at, set_lr
+from pixrun.parallel import World, close_world, init_world, parallelize
+from pixrun.pipeline import Pipeline, build_pipeline, build_world, compute_context, load_run_config, to_uint8, uses_bf16
 from pixrun.text import TextTower
+from pixrun.text_cache import TextCache
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss stays non-finite); the message says why."""
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -35,15 +35,15 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def resume_point(run_dir: Path, resume: str | None) -> Path | None:
-    """None: fresh run; "auto": the latest checkpoint if any; "latest": it must exist; else a checkpoint folder."""
+    """None: fresh run; "auto": the latest good checkpoint if any; "latest": it must exist; else a folder."""
     if resume is None:
-        if latest_checkpoint(run_dir) is not None:
+        if list_checkpoints(run_dir):
             raise ConfigError(f"{run_dir} already has checkpoints: pass --resume, or set run_dir to a new folder")
         return None
     if resume in ("auto", "latest"):
-        found = latest_checkpoint(run_dir)
+        found = latest_good_checkpoint(run_dir)
         if found is None and resume == "latest":
-            raise ConfigError(f"nothing to resume: {run_dir} has no checkpoint")
+            raise ConfigError(f"nothing to resume: {run_dir} has no usable checkpoint")
         return found
     path = Path(resume)
     if not (path / "state.json").is_file():
@@ -51,100 +51,200 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def prepare(config: Config, world: ShapesWorld, checkpoint: Path | None) -> Pipeline:
-    """A fresh run's pipeline (its folder set up), or a run's to resume, checked against its saved config."""
+def prepare(config: Config, vocabulary: list[str], checkpoint: Path | None, world: World) -> Pipeline:
+    """A fresh run's pipeline (rank 0 sets up its folder), or a run's to resume, checked against its config.
+    Every rank seeds the same generator first, so every rank starts from the same weights."""
     run_dir = Path(config.run_dir)
     torch.manual_seed(config.train.seed)
     if checkpoint is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        pipeline = build_pipeline(config, world.vocabulary(), run_dir)
-        save_config(config, run_dir / "config.yaml")
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        pipeline = build_pipeline(config, vocabulary, run_dir if world.is_main else None)
+        if world.is_main:
+            save_config(config, run_dir / "config.yaml")
+        world.barrier()
         return pipeline
     saved = load_run_config(run_dir)
     config.model.context_dim = saved.model.context_dim
     for section in ("model", "text", "flow", "data"):
         if getattr(saved, section) != getattr(config, section):
             raise ConfigError(f"cannot resume {run_dir} with a different '{section}' section than it was started with")
-    save_config(config, run_dir / "config.yaml")  # train.steps and the like may change on resume
+    world.barrier()  # every rank has read the saved config before rank 0 rewrites it
+    if world.is_main:
+        save_config(config, run_dir / "config.yaml")  # train.steps and the like may change on resume
     return Pipeline(config, Denoiser(config.model), TextTower.load(config.text, run_dir), Flow(config.flow))
 
 
-def train(config: Config, resume: str | None = None) -> Path:
-    run_dir = Path(config.run_dir)
-    tc = config.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
-    checkpoint = resume_point(run_dir, resume)
-    world = build_world(config)
-    pipeline = prepare(config, world, checkpoint).to(device)
-    params = pipeline.trainable_parameters()
-    optimizer = build_optimizer(params, config.optim)
-    ema = EMA(params, config.ema)
-    start = 0
-    if checkpoint is not None:  # loading copies onto the device the pieces already live on
-        pipeline.load_weights(load_tensors(checkpoint, "weights"))
-        state = load_state(checkpoint)
-        load_optimizer(optimizer, checkpoint)
-        ema.load_state_dict(load_tensors(checkpoint, "ema"), state["ema_updates"])
-        start = state["step"]
-    ema_pipeline = copy.deepcopy(pipeline).eval()
-    denoiser, text_tower, flow = pipeline.denoiser, pipeline.text_tower, pipeline.flow
+class Trainer:
+    """One run: `Trainer(config, resume).run()`, or `.step(k)` one optimisation step at a time (benchmarks)."""
 
-    print(
-        f"pixrun: {run_dir} | denoiser {count_parameters(denoiser) / 1e6:.2f} M params, "
-        f"text tower {count_parameters(text_tower.encoder) / 1e6:.2f} M "
-        f"({'trained' if text_tower.trainable else 'frozen'}) "
-        f"| {device} | steps {start}->{tc.steps} at batch {tc.batch_size}, {config.data.resolution} px"
-    )
-    logger = RunLogger(run_dir, tc.steps, start, tc.batch_size)
-    last_grid = None
-    denoiser.train()
-    text_tower.train(text_tower.trainable)
-    for step in range(start, tc.steps):
-        lr = lr_at(step, config.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x0, captions = world.batch(tc.seed, step, tc.batch_size, config.data.resolution)
+    def __init__(self, config: Config, resume: str | None = None):
+        self.config = config
+        tc = config.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.world, self.device = init_world(config.parallel, tc.device)
+        if tc.batch_size % self.world.size:
+            raise ConfigError(f"train.batch_size {tc.batch_size} does not split over {self.world.size} processes")
+        self.run_dir = Path(config.run_dir)
+        checkpoint = resume_point(self.run_dir, resume)
+        self.data = build_world(config)
+        pipeline = prepare(config, self.data.vocabulary(), checkpoint, self.world).to(self.device)
+        self.ema_pipeline = copy.deepcopy(pipeline).eval() if self.world.is_main else None
+        self.bf16 = uses_bf16(self.device, tc.precision)
+        text = pipeline.text_tower
+        try:
+            self.strategy = parallelize(pipeline.denoiser, text.encoder if text.trainable else None,
+                                        config.parallel, self.world, self.device, self.bf16)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.pipeline = pipeline
+        self.params = pipeline.trainable_parameters()
+        self.optimizer = build_optimizer(self.params, config.optim)
+        self.ema = EMA(self.params, config.ema)
+        owners = {"denoiser": pipeline.denoiser}
+        if text.trainable:
+            owners["text_encoder"] = text.encoder
+        self.checkpointer = Checkpointer(self.run_dir, self.params, owners, self.optimizer, self.world.is_main,
+                                         self.world.barrier, tc.keep_checkpoints)
+        self.start = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        if checkpoint is not None:
+            state = self.checkpointer.load(checkpoint, self.ema.shadow)
+            self.ema.updates = state["ema_updates"]
+            self.nonfinite_total = state.get("nonfinite_steps", 0)
+            self.start = state["step"]
+        self.stop_requested = False
+        self.encode_text = text
+        if config.text.cache_dir and not text.trainable:
+            self.encode_text = TextCache(config.text.cache_dir, text, writer=str(self.world.rank))
+
+    def local_slice(self) -> slice:
+        per_rank = self.config.train.batch_size // self.world.size
+        return slice(self.world.rank * per_rank, (self.world.rank + 1) * per_rank)
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step on this rank's slice of global batch `step`; returns loss and grad norm."""
+        config, tc = self.config, self.config.train
+        denoiser, text_tower, flow = self.pipeline.denoiser, self.pipeline.text_tower, self.pipeline.flow
+        set_lr(self.optimizer, step, config.optim)
+        x0, captions = self.data.batch(tc.seed, step, tc.batch_size, config.data.resolution)
         gen = step_generator(tc.seed, step)
         dropped = (torch.rand(len(captions), generator=gen) < config.flow.caption_dropout).tolist()
         captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
         t = flow.sample_t(len(captions), gen)
         eps = torch.randn(x0.shape, generator=gen)
-        x0, eps, t = x0.to(device), eps.to(device), t.to(device)
+        plan = None
+        if config.tread.enabled:  # drawn last, so runs without TREAD keep the same draws
+            tokens = (x0.shape[-2] // config.model.patch_size) * (x0.shape[-1] // config.model.patch_size)
+            plan = denoiser.plan_routing(config.tread, len(captions), tokens, gen)
+        mine = self.local_slice()
+        x0, eps, t, captions = x0[mine].to(self.device), eps[mine].to(self.device), t[mine].to(self.device), captions[mine]
+        if plan is not None:
+            plan = RoutePlan(plan.kept_index[mine].to(self.device), plan.blocks)
         x_t = flow.add_noise(x0, eps, t)
-        with compute_context(device, tc.precision):
-            txt, mask = text_tower(captions)
-            pred = denoiser(x_t, t, txt, mask)
-        loss = flow.loss(pred, x0, eps, x_t, t)
-        optimizer.zero_grad(set_to_none=True)
+        with compute_context(self.device, tc.precision):
+            txt, mask = self.encode_text(captions)
+            pred = denoiser(x_t, t, txt, mask, routing=plan)
+        loss = flow.loss(pred.float(), x0, eps, x_t, t)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), config.optim.grad_clip)
-        optimizer.step()
-        ema.update(step)
+        grad_norm = whole_tensor(torch.nn.utils.clip_grad_norm_(self.params.values(), config.optim.grad_clip))
+        if torch.isfinite(grad_norm):  # gradients are already reduced, so every rank decides the same way
+            self.optimizer.step()
+            self.ema.update(step)
+            self.nonfinite_in_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            if self.nonfinite_in_row >= tc.max_nonfinite_in_row:
+                raise TrainingError(f"the loss was non-finite {self.nonfinite_in_row} steps in a row (last: step "
+                                    f"{step + 1}); lower optim.lr or raise optim.warmup_steps, then --resume")
+        return {"loss": loss.detach(), "grad_norm": grad_norm, "lr": torch.tensor(lr_at(step, config.optim))}
 
-        done = step + 1
-        log = done % tc.log_every == 0 or done == tc.steps
-        logger.step(step, {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr} if log else {}, log)
-        if done % tc.sample_every == 0 or done == tc.steps:
-            ema_pipeline.load_weights(ema.shadow)
-            last_grid = sample_grid(ema_pipeline, run_dir / "samples" / f"step_{done:07d}.png")
-            logger.image("samples/ema", last_grid, done)
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
-            weights = {name: p.detach() for name, p in params.items()}
-            save_checkpoint(
-                run_dir, done, weights, ema.state_dict(), optimizer,
-                {"ema_updates": ema.updates, "config": dataclasses.asdict(config), "saved_at": time.time()},
-                tc.keep_checkpoints,
+    def run(self) -> Path:
+        tc, world = self.config.train, self.world
+        if world.is_main:
+            denoiser, text_tower = self.pipeline.denoiser, self.pipeline.text_tower
+            print(
+                f"pixrun: {self.run_dir} | denoiser {count_parameters(denoiser) / 1e6:.2f} M params, text tower "
+                f"{count_parameters(text_tower.encoder) / 1e6:.2f} M ({'trained' if text_tower.trainable else 'frozen'})"
+                f" | {self.device} x {world.size} ({self.strategy}) | steps {self.start}->{tc.steps} at batch "
+                f"{tc.batch_size}, {self.config.data.resolution} px"
             )
-    logger.close()
-    if last_grid is None:
-        grids = sorted((run_dir / "samples").glob("step_*.png"))
-        last_grid = grids[-1] if grids else None
-    print(f"pixrun: done. Run folder: {run_dir}")
-    if last_grid is not None:
-        print(f"pixrun: samples: {last_grid}")
-    return run_dir
+        logger = RunLogger(self.run_dir, tc.steps, self.start, tc.batch_size) if world.is_main else None
+        last_grid = None
+        self.pipeline.denoiser.train()
+        self.pipeline.text_tower.train(self.pipeline.text_tower.trainable)
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for step in range(self.start, tc.steps):
+                metrics = self.step(step)
+                done = step + 1
+                log = done % tc.log_every == 0 or done == tc.steps
+                if log:
+                    values = {name: world.mean(value).item() for name, value in metrics.items()}
+                    values["nonfinite_steps"] = self.nonfinite_total
+                if logger is not None:
+                    logger.step(step, values if log else {}, log)
+                if done % tc.sample_every == 0 or done == tc.steps:
+                    last_grid = self.sample(done, logger) or last_grid
+                stop = world.any(self.stop_requested, self.device)
+                if done % tc.checkpoint_every == 0 or done == tc.steps or stop:
+                    self.save(done)
+                if stop:
+                    if world.is_main:
+                        print(f"\npixrun: stopped by a signal after step {done}; checkpoint saved. "
+                              f"Continue with: pixrun train ... --resume auto")
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if logger is not None:
+                logger.close()
+        if world.is_main:
+            if last_grid is None:
+                grids = sorted((self.run_dir / "samples").glob("step_*.png"))
+                last_grid = grids[-1] if grids else None
+            print(f"pixrun: done. Run folder: {self.run_dir}")
+            if last_grid is not None:
+                print(f"pixrun: samples: {last_grid}")
+        return self.run_dir
+
+    def sample(self, step: int, logger: RunLogger | None) -> Path | None:
+        ema = {name: whole_tensor(t) for name, t in self.ema.shadow.items()}  # every rank takes part in gathering
+        if not self.world.is_main:
+            return None
+        self.ema_pipeline.load_weights(ema)
+        path = sample_grid(self.ema_pipeline, self.run_dir / "samples" / f"step_{step:07d}.png")
+        logger.image("samples/ema", path, step)
+        return path
+
+    def save(self, step: int) -> Path:
+        if isinstance(self.encode_text, TextCache):
+            self.encode_text.flush()
+        return self.checkpointer.save(step, self.ema.shadow, {
+            "ema_updates": self.ema.updates, "nonfinite_steps": self.nonfinite_total, "world_size": self.world.size,
+            "config": dataclasses.asdict(self.config), "saved_at": time.time(),
+        })
+
+    def close(self) -> None:
+        close_world(self.world)
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+
+
+def train(config: Config, resume: str | None = None) -> Path:
+    trainer = Trainer(config, resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
 
 
 def sample_grid(pipeline: Pipeline, path: Path) -> Path:

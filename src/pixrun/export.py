@@ -1,0 +1,139 @@
+"""A trained run as a diffusers `PRXPixelPipeline` folder, loadable with `PRXPixelPipeline.from_pretrained(OUT)`.
+
+    OUT/
+        model_index.json
+        transformer/        PRXTransformer2DModel with the run's (EMA) denoiser weights, names unchanged
+        scheduler/          FlowMatchEulerDiscreteScheduler with the run's sampling shift
+        text_encoder/       the run's text encoder: the jointly trained small T5 or the frozen pretrained one, fp32
+        tokenizer/          its tokenizer, padding on the right
+        pixrun_export.json  where it came from, and the pipeline call that reproduces `pixrun sample`
+
+The pipeline samples with Euler on the scheduler's time grid, guidance on x0 at every step, x0 -> v with t
+clamped at 0.05, noise `randn * noise_scale` and light prompt cleaning; pixrun computes the same with
+`sample.time_grid=diffusers`, `sample.sampler=euler`, `sample.cfg_interval=[0,1]`, `text.clean=basic`
+(docs/export.md). A run the pipeline cannot express exactly is refused with an ExportError.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from pixrun.checkpoint import latest_checkpoint
+from pixrun.config import Config, ConfigError
+from pixrun.model import ModelConfig
+from pixrun.pipeline import load_run, load_run_config
+
+DIFFUSERS_T_CLAMP = 0.05  # PRXPixelPipeline divides by max(t, 0.05), whatever the run trained with
+DIFFUSERS_TRAIN_TIMESTEPS = 1000
+BINNED_RESOLUTIONS = (1024,)  # PRXPixelPipeline's aspect-ratio bins exist for these default sizes only
+
+
+class ExportError(ConfigError):
+    """The run cannot be exported as asked; the message is one line, for `pixrun: error: ...`."""
+
+
+def transformer_kwargs(model: ModelConfig) -> dict:
+    """PRXTransformer2DModel's arguments for pixrun's denoiser config."""
+    return {
+        "in_channels": model.in_channels, "patch_size": model.patch_size, "context_in_dim": model.context_dim,
+        "hidden_size": model.width, "mlp_ratio": model.mlp_ratio, "num_heads": model.heads, "depth": model.depth,
+        "axes_dim": list(model.axes_dim), "theta": int(model.rope_theta), "time_factor": model.time_factor,
+        "time_max_period": int(model.time_max_period), "bottleneck_size": model.bottleneck,
+        "resolution_embeds": model.resolution_embeds,
+    }
+
+
+def check_exportable(config: Config) -> None:
+    """Raise ExportError (one line) for a run whose model the diffusers pipeline would run differently."""
+    if config.flow.prediction != "x":
+        raise ExportError(
+            f"the run predicts {config.flow.prediction!r}, but PRXPixelPipeline treats the output as the clean image "
+            "(flow.prediction=x)"
+        )
+    if config.flow.t_clamp != DIFFUSERS_T_CLAMP:
+        raise ExportError(
+            f"flow.t_clamp is {config.flow.t_clamp}, but PRXPixelPipeline clamps t at {DIFFUSERS_T_CLAMP}"
+        )
+    for name in ("rope_theta", "time_max_period"):
+        value = getattr(config.model, name)
+        if value != int(value):
+            raise ExportError(f"model.{name} is {value}, but PRXTransformer2DModel takes an integer")
+
+
+def parity_notes(config: Config) -> list[str]:
+    """Where the exported pipeline, called as pixrun_export.json says, samples differently from `pixrun sample`
+    with the run's own settings."""
+    s, notes = config.sample, []
+    if s.sampler != "euler":
+        notes.append(f"diffusers samples with Euler; the run's sample.sampler is {s.sampler}")
+    if s.time_grid != "diffusers":
+        notes.append(f"diffusers uses its scheduler's time grid; the run's sample.time_grid is {s.time_grid}")
+    if list(s.cfg_interval) != [0.0, 1.0]:
+        notes.append(f"diffusers guides at every step; the run's sample.cfg_interval is {s.cfg_interval}")
+    if s.cfg_scale < 1:
+        notes.append(f"diffusers accepts guidance_scale >= 1 only; the run's sample.cfg_scale is {s.cfg_scale}")
+    if config.text.clean != "basic":
+        notes.append(f"diffusers cleans prompts as text.clean=basic; the run's text.clean is {config.text.clean}")
+    return notes
+
+
+def pipeline_call(config: Config) -> dict:
+    """The PRXPixelPipeline.__call__ arguments that match the run's sampling settings."""
+    res = config.data.resolution
+    return {
+        "num_inference_steps": config.sample.steps,
+        "guidance_scale": max(1.0, config.sample.cfg_scale),
+        "height": res,
+        "width": res,
+        "use_resolution_binning": res in BINNED_RESOLUTIONS,
+    }
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, weights: str = "ema") -> Path:
+    """Write the run's latest checkpoint (`weights`: ema or weights) as a PRXPixelPipeline folder at `out_dir`."""
+    try:
+        from diffusers import FlowMatchEulerDiscreteScheduler, PRXPixelPipeline, PRXTransformer2DModel
+    except ImportError:
+        raise ExportError("export needs diffusers >= 0.42 (pip install 'diffusers>=0.42')") from None
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} exists and is not empty; export into a new folder")
+    config = load_run_config(run_dir)
+    check_exportable(config)
+    run = load_run(run_dir, weights=weights, device="cpu")
+
+    transformer = PRXTransformer2DModel(**transformer_kwargs(config.model))
+    try:
+        missing, unexpected = transformer.load_state_dict(run.denoiser.state_dict(), strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        detail = str(e).splitlines()[-1].strip()
+        raise ExportError(f"the denoiser does not fit PRXTransformer2DModel: {detail}") from None
+    if missing or unexpected:
+        which = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which diffusers does not"
+        raise ExportError(f"the denoiser cannot be expressed as PRXTransformer2DModel: it {which}")
+
+    tower = run.text_tower
+    pipe = PRXPixelPipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=DIFFUSERS_TRAIN_TIMESTEPS, shift=config.sample.shift
+        ),
+        text_encoder=tower.encoder.to(torch.float32).eval(),  # bf16 -> fp32 is exact; load with torch_dtype for bf16
+        tokenizer=tower.tokenizer,
+        default_sample_size=config.data.resolution,
+        prompt_max_tokens=config.text.max_tokens,
+        noise_scale=config.flow.noise_scale,
+    )
+    pipe.save_pretrained(out_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    provenance = {
+        "run": str(run_dir.resolve()),
+        "checkpoint": checkpoint.name,
+        "weights": weights,
+        "call": pipeline_call(config),
+        "differences_from_pixrun_sample": parity_notes(config),
+    }
+    (out_dir / "pixrun_export.json").write_text(json.dumps(provenance, indent=1))
+    return out_dir

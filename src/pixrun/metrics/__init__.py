@@ -1,0 +1,147 @@
+"""The quality metrics of the field: FID, KID, CMMD and DINO-MMD against a reference image set.
+
+    networks = load_networks(config, device)                  # once; reuse across evaluations
+    scores = quality_metrics(generated, reference, config, networks)
+    scores = shapes_quality_metrics(pipeline, config, networks)  # generate for the shapes world and score
+
+Definitions and where each network's weights come from: docs/metrics.md.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pixrun.metrics.distances import fid, kid, rbf_mmd
+from pixrun.metrics.features import (
+    CLIP_DEFAULT,
+    DINO_DEFAULT,
+    NETWORK_OF_METRIC,
+    build_feature_network,
+    extract_features,
+)
+from pixrun.metrics.inception import FID_WEIGHTS_URL
+from pixrun.metrics.reference import (
+    REFERENCE_SEED,
+    ReferenceImages,
+    folder_reference,
+    reference_features,
+    shapes_reference,
+    tensor_reference,
+)
+from pixrun.metrics.tbins import T_BINS, mse_by_t
+
+METRICS = tuple(NETWORK_OF_METRIC)
+
+
+@dataclass
+class MetricsConfig:
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # any of fid, kid, cmmd, dino_mmd
+    reference: str = "shapes"  # "shapes": a held-out sample of the run's world; else a folder of images
+    num_images: int = 1000  # generated images, and reference images
+    seed: int = REFERENCE_SEED  # the shapes reference's scenes (and so the prompts); generation noise
+    batch_size: int = 32  # feature extraction and generation
+    inception: str = FID_WEIGHTS_URL  # path or URL of pt_inception-2015-12-05-6726825d.pth
+    clip: str = CLIP_DEFAULT  # hub id or local folder
+    dino: str = DINO_DEFAULT  # hub id or local folder
+    cache_dir: str = "~/.cache/pixrun/reference"  # reference features; "" = no cache
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    random_init: bool = False  # tests only: random network weights instead of the real ones
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown:
+            raise ValueError(f"metrics.metrics has unknown {unknown}; available: {', '.join(METRICS)}")
+        if self.num_images < 2 or self.batch_size < 1 or self.kid_subsets < 1 or self.kid_subset_size < 2:
+            raise ValueError("metrics.num_images and metrics.kid_subset_size must be >= 2, batch sizes >= 1")
+
+
+def needed_networks(metrics: list[str]) -> list[str]:
+    return list(dict.fromkeys(NETWORK_OF_METRIC[m] for m in metrics))
+
+
+def load_networks(config: MetricsConfig, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+    """The feature networks the configured metrics need, by name (inception, clip, dino), on `device`."""
+    config.validate()
+    weights = {"inception": config.inception, "clip": config.clip, "dino": config.dino}
+    return {
+        name: build_feature_network(name, weights[name], config.random_init).to(device)
+        for name in needed_networks(config.metrics)
+    }
+
+
+def quality_metrics(
+    generated: torch.Tensor,
+    reference: ReferenceImages | torch.Tensor,
+    config: MetricsConfig,
+    networks: dict[str, nn.Module] | None = None,
+) -> dict[str, float]:
+    """Scores of generated images ([-1, 1], (N, 3, H, W)) against the reference set: fid, kid (+ kid_std), cmmd,
+    dino_mmd, as configured. Lower is better for all."""
+    networks = networks if networks is not None else load_networks(config)
+    if isinstance(reference, torch.Tensor):
+        reference = tensor_reference(reference)
+    needed = needed_networks(config.metrics)
+    missing = [name for name in needed if name not in networks]
+    if missing:
+        raise ValueError(f"metrics {config.metrics} need the {', '.join(missing)} network(s), which were not loaded")
+    cache_dir = config.cache_dir or None
+    scores: dict[str, float] = {}
+    for name in needed:
+        network = networks[name]
+        ours = extract_features(network, generated, config.batch_size)
+        theirs = reference_features(reference, network, cache_dir, config.batch_size)
+        for metric in config.metrics:
+            if NETWORK_OF_METRIC[metric] != name:
+                continue
+            if metric == "fid":
+                scores["fid"] = fid(ours, theirs)
+            elif metric == "kid":
+                scores["kid"], scores["kid_std"] = kid(ours, theirs, config.kid_subsets, config.kid_subset_size)
+            else:
+                scores[metric] = rbf_mmd(ours, theirs)
+    return scores
+
+
+@torch.no_grad()
+def generate_images(pipeline, prompts: list[str], seed: int, batch_size: int) -> torch.Tensor:
+    """One image per prompt, on the CPU; image i starts from the noise of seed `seed + i`, whatever the batch."""
+    chunks = [
+        pipeline.generate(prompts[start : start + batch_size], seed=seed + start).cpu()
+        for start in range(0, len(prompts), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def shapes_quality_metrics(
+    pipeline, config: MetricsConfig, networks: dict[str, nn.Module] | None = None
+) -> dict[str, float]:
+    """Generate `num_images` images for the captions of a held-out shapes-world sample and score them against
+    that sample (or against the configured folder of images)."""
+    # Imported here: pixrun.config imports this package (MetricsConfig), and pixrun.pipeline imports pixrun.config.
+    from pixrun.pipeline import build_world
+
+    resolution = pipeline.config.data.resolution
+    shapes = shapes_reference(build_world(pipeline.config), resolution, config.num_images, config.seed)
+    reference = shapes if config.reference == "shapes" else folder_reference(
+        config.reference, config.num_images, resolution
+    )
+    generated = generate_images(pipeline, shapes.captions, config.seed, config.batch_size)
+    return quality_metrics(generated, reference, config, networks)
+
+
+__all__ = [
+    "METRICS",
+    "T_BINS",
+    "MetricsConfig",
+    "ReferenceImages",
+    "folder_reference",
+    "generate_images",
+    "load_networks",
+    "mse_by_t",
+    "quality_metrics",
+    "shapes_quality_metrics",
+    "shapes_reference",
+    "tensor_reference",
+]

@@ -1,0 +1,66 @@
+"""Running pixrun as a user does (a subprocess, or torchrun), for the scale-out and fault tests."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import TINY_OVERRIDES
+
+# fp32 so that runs split over processes add up the same numbers as one process, within float rounding
+FAULT_OVERRIDES = [*TINY_OVERRIDES, "train.precision=fp32", "sample.steps=2"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pixrun_command(run_dir: Path, *overrides: str, resume: bool = False) -> list[str]:
+    command = [sys.executable, "-m", "pixrun.cli", "train", f"run_dir={run_dir}", *FAULT_OVERRIDES, *overrides]
+    return command + (["--resume", "auto"] if resume else [])
+
+
+def torchrun_command(processes: int, run_dir: Path, *overrides: str, resume: bool = False,
+                     max_restarts: int = 0) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+                f"--max-restarts={max_restarts}", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    train = pixrun_command(run_dir, *overrides, resume=resume)[1:]  # drop the python executable
+    return launcher + train
+
+
+def run(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-3000:]}"
+    return done
+
+
+def metric_records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["step"] >= step for r in metric_records(run_dir)):
+            return
+        if process.poll() is not None:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"{run_dir} did not reach step {step}")
+
+
+def last_record_per_step(run_dir: Path) -> dict[int, dict]:
+    """A resumed run logs the steps after its last checkpoint again; the last record of each step counts."""
+    return {r["step"]: r for r in metric_records(run_dir)}

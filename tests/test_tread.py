@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from pixrun.model import Denoiser, ModelConfig, RoutePlan, TokenRouting, rope_angles
+
+TINY = {"width": 64, "depth": 4, "heads": 4, "axes_dim": [8, 8], "patch_size": 8, "bottleneck": 32, "context_dim": 48}
+
+
+def random_model(**overrides) -> Denoiser:
+    torch.manual_seed(0)
+    model = Denoiser(ModelConfig(**{**TINY, **overrides}))
+    for p in model.parameters():  # zero-initialised layers would make every block the identity
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def inputs(batch=2, height=32, width=32):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, height, width, generator=gen)
+    t, txt = torch.rand(batch, generator=gen), torch.randn(batch, 5, 48, generator=gen)
+    mask = torch.ones(batch, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    return x, t, txt, mask
+
+
+def test_recipe_routes_from_the_second_to_the_penultimate_block():
+    assert TokenRouting().blocks(16) == range(1, 15)
+    with pytest.raises(ValueError, match="no block"):
+        TokenRouting(start=3, end=-1).blocks(4)
+    with pytest.raises(ValueError, match="fraction"):
+        TokenRouting(fraction=1.0).blocks(4)
+
+
+def test_kept_index_is_sorted_distinct_per_sample_and_reproducible():
+    model = random_model()
+    plan = model.plan_routing(TokenRouting(fraction=0.5), 8, 16, torch.Generator().manual_seed(3))
+    assert plan.kept_index.shape == (8, 8)
+    assert (plan.kept_index.diff(dim=1) > 0).all()  # sorted, hence distinct
+    assert len({tuple(row.tolist()) for row in plan.kept_index}) > 1  # chosen per sample
+    again = model.plan_routing(TokenRouting(fraction=0.5), 8, 16, torch.Generator().manual_seed(3))
+    assert torch.equal(plan.kept_index, again.kept_index)
+
+
+def test_fraction_zero_equals_dense():
+    model = random_model()
+    x, t, txt, mask = inputs()
+    plan = model.plan_routing(TokenRouting(fraction=0.0), 2, 16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, txt, mask, routing=plan), model(x, t, txt, mask), atol=1e-6)
+
+
+def test_routed_tokens_skip_the_routed_blocks_and_come_back_in_place():
+    model = random_model()  # depth 4: blocks 1 and 2 are routed
+    x, t, txt, mask = inputs()
+    plan = model.plan_routing(TokenRouting(fraction=0.5), 2, 16, torch.Generator().manual_seed(0))
+    seen = {}
+    model.blocks[0].register_forward_hook(lambda m, args, out: seen.update(before=out))
+    model.blocks[1].register_forward_pre_hook(lambda m, args: seen.update(routed_in=args[0], rope=args[3]))
+    model.blocks[3].register_forward_pre_hook(lambda m, args: seen.update(after=args[0]))
+    with torch.no_grad():
+        out = model(x, t, txt, mask, routing=plan)
+    assert out.shape == x.shape
+    assert seen["routed_in"].shape == (2, 8, 64)
+    assert torch.equal(seen["rope"][:, 0], rope_angles(4, 4, [8, 8], 10000.0, "cpu")[plan.kept_index])
+    for b in range(2):
+        kept = torch.zeros(16, dtype=torch.bool)
+        kept[plan.kept_index[b]] = True
+        assert torch.equal(seen["after"][b, ~kept], seen["before"][b, ~kept])  # untouched, at their positions
+        assert not torch.allclose(seen["after"][b, kept], seen["before"][b, kept])
+
+
+def test_kept_tokens_see_only_each_other_at_their_own_positions():
+    # Routing through every block and keeping the top half of the grid must give, there, exactly what the
+    # dense model gives on the top half of the image: same tokens, same RoPE positions, same keys.
+    model = random_model(depth=3)
+    x, t, txt, mask = inputs(height=32, width=32)
+    plan = RoutePlan(torch.arange(8).expand(2, 8), range(3))
+    with torch.no_grad():
+        routed = model(x, t, txt, mask, routing=plan)
+        cropped = model(x[:, :, :16], t, txt, mask)
+    assert torch.allclose(routed[:, :, :16], cropped, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter_through_a_routed_forward():
+    model = random_model()
+    x, t, txt, mask = inputs()
+    plan = model.plan_routing(TokenRouting(fraction=0.5), 2, 16, torch.Generator().manual_seed(0))
+    model(x, t, txt, mask, routing=plan).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_plan_tells_which_tokens_each_block_sees():
+    model = random_model()
+    plan = model.plan_routing(TokenRouting(), 2, 16, torch.Generator().manual_seed(0))
+    assert plan.tokens_at(0) is None and plan.tokens_at(3) is None
+    assert plan.tokens_at(1) is plan.kept_index and plan.tokens_at(2) is plan.kept_index
