@@ -97,3 +97,29 @@ def test_shipped_configs_load_and_the_cpu_one_is_the_builtin_default():
     for path in root.glob("*.yaml"):
         load_config(path)
     assert load_config(root / "shapes-cpu.yaml") == Config()
+
+
+def test_quality_metrics_geneval_folder_and_diffusers_export_from_the_command_line(capsys, tmp_path):
+    import json
+
+    run = tmp_path / "r"
+    assert run_cli(capsys, "train", f"run_dir={run}", *TINY_OVERRIDES, "train.steps=2")[0] == 0
+    code, stdout, _ = run_cli(capsys, "eval", str(run), "--json", "--mse-t", "--num-images", "4")
+    scores = json.loads(stdout)
+    assert code == 0 and {"mse_t0.0-0.3", "mse_t0.3-0.6", "mse_t0.6-1.0", "overall"} <= set(scores)
+    assert all(scores[k] > 0 for k in ("mse_t0.0-0.3", "mse_t0.3-0.6", "mse_t0.6-1.0"))
+
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    metadata.write_text('{"tag": "single_object", "include": [{"class": "circle", "count": 1}], '
+                        '"prompt": "a photo of a circle"}\n')
+    code, _, _ = run_cli(capsys, "geneval", str(run), str(metadata), "--out", str(tmp_path / "g"),
+                         "--images-per-prompt", "2")
+    assert code == 0 and len(list((tmp_path / "g" / "00000" / "samples").glob("*.png"))) == 2
+    metadata.write_text("not json\n")
+    code, _, err = run_cli(capsys, "geneval", str(run), str(metadata), "--out", str(tmp_path / "g2"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+    code, stdout, _ = run_cli(capsys, "export", str(run), str(tmp_path / "hf"))
+    assert code == 0 and (tmp_path / "hf" / "model_index.json").is_file()
+    code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "hf"))
+    assert code == 2 and err.startswith("pixrun: error:")

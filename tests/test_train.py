@@ -59,3 +59,15 @@ def test_refuses_to_overwrite_a_run_and_to_resume_with_another_model(tiny_config
         train(tiny_config(train__steps=2, model__depth=3), resume="latest")
     with pytest.raises(ConfigError, match="nothing to resume"):
         train(tiny_config("empty", train__steps=2), resume="latest")
+
+
+def test_quality_metrics_during_training_are_logged(tiny_config):
+    config = tiny_config(
+        train__steps=2, train__metrics_every=2, metrics__metrics="[fid,kid]", metrics__random_init="true",
+        metrics__num_images=4, metrics__kid_subsets=2, metrics__kid_subset_size=4, metrics__cache_dir="''",
+    )
+    run_dir = train(config)
+    records = [json.loads(line) for line in open(run_dir / "quality.jsonl")]
+    assert [r["step"] for r in records] == [2]
+    assert {"fid", "kid", "mse_t0.0-0.3", "mse_t0.6-1.0"} <= set(records[0])
+    assert all(v == v and v >= 0 for k, v in records[0].items() if k not in ("step", "time", "kid"))

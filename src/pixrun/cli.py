@@ -47,10 +47,30 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--steps", type=int, default=None)
     p_eval.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = none)")
     p_eval.add_argument("--sampler", choices=["euler", "heun"], default=None)
+    p_eval.add_argument("--metrics", default=None, metavar="fid,kid,cmmd,dino_mmd",
+                        help="also score image quality against the reference set (the run's metrics config)")
+    p_eval.add_argument("--num-images", type=int, default=None, help="images for --metrics (default: metrics config)")
+    p_eval.add_argument("--reference", default=None, help="'shapes' or a folder of reference images")
+    p_eval.add_argument("--mse-t", action="store_true", help="also the MSE of x0 in t-bins on held-out images")
+
+    p_geneval = commands.add_parser("geneval", help="write images for GenEval's prompt file, in its folder layout")
+    p_geneval.add_argument("run", type=Path)
+    p_geneval.add_argument("metadata", type=Path, help="GenEval's evaluation_metadata.jsonl")
+    p_geneval.add_argument("--out", type=Path, required=True)
+    p_geneval.add_argument("--images-per-prompt", type=int, default=4)
+    p_geneval.add_argument("--seed", type=int, default=0)
+    p_geneval.add_argument("--weights", choices=["ema", "weights"], default="ema")
+
+    p_export = commands.add_parser("export", help="write a run as a diffusers PRXPixelPipeline folder")
+    p_export.add_argument("run", type=Path)
+    p_export.add_argument("out", type=Path)
+    p_export.add_argument("--weights", choices=["ema", "weights"], default="ema")
 
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.command](args)
+        commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "geneval": cmd_geneval,
+                    "export": cmd_export}
+        return commands[args.command](args)
     except (ConfigError, UsageError, FileNotFoundError) as e:
         print(f"pixrun: error: {e}", file=sys.stderr)
         return USAGE_ERROR
@@ -115,11 +135,67 @@ def cmd_eval(args) -> int:
 
     sample = _sample_config(load_run_config(args.run).sample, args)
     scores = evaluate_run(args.run, per_task=per_task, weights=args.weights, sample=sample)
+    if args.metrics or args.mse_t:
+        scores.update(_quality(args, sample))
     if args.json:
         print(json.dumps(scores))
     else:
         for name, value in scores.items():
             print(f"{name:>16}  {'n/a' if value is None else f'{value:.3f}'}")
+    return 0
+
+
+def _quality(args, sample) -> dict[str, float]:
+    from pixrun.metrics import load_networks, mse_by_t, shapes_quality_metrics, shapes_reference
+    from pixrun.pipeline import build_world, load_run, resolve_device
+
+    run = load_run(args.run, weights=args.weights)
+    run.to(resolve_device(run.config.train.device))
+    run.config.sample = sample
+    config = run.config.metrics
+    changes = {"num_images": args.num_images, "reference": args.reference}
+    if args.metrics:
+        changes["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+    try:
+        config.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    scores = {}
+    if args.metrics:
+        scores.update(shapes_quality_metrics(run, config, load_networks(config, next(run.denoiser.parameters()).device)))
+    if args.mse_t:
+        held_out = shapes_reference(build_world(run.config), run.config.data.resolution, config.num_images, config.seed)
+        scores.update(mse_by_t(run, held_out.load(), held_out.captions, seed=config.seed))
+    return scores
+
+
+def cmd_geneval(args) -> int:
+    from pixrun.geneval_export import export_geneval
+    from pixrun.pipeline import load_run, resolve_device
+
+    if args.images_per_prompt < 1:
+        raise UsageError("--images-per-prompt must be at least 1")
+    if not args.metadata.is_file():
+        raise UsageError(f"{args.metadata} does not exist")
+    run = load_run(args.run, weights=args.weights)
+    run.to(resolve_device(run.config.train.device))
+    try:
+        count = export_geneval(run, args.metadata, args.out, images_per_prompt=args.images_per_prompt, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"{args.out}: {count} prompts x {args.images_per_prompt} images")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pixrun.export import export_run, parity_notes
+    from pixrun.pipeline import load_run_config
+
+    out = export_run(args.run, args.out, weights=args.weights)
+    print(out)
+    for note in parity_notes(load_run_config(args.run)):
+        print(f"note: {note}")
     return 0
 
 

@@ -37,6 +37,14 @@ class RunLogger:
                 self.tensorboard.add_scalar(f"train/{name}", value, step + 1)
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.1f}")
 
+    def record(self, group: str, values: dict[str, float], step: int) -> None:
+        """Evaluation results: `{group}.jsonl` in the run and `{group}/...` in TensorBoard."""
+        with open(self.run_dir / f"{group}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
+        for name, value in values.items():
+            self.tensorboard.add_scalar(f"{group}/{name}", value, step)
+        self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
     def image(self, tag: str, path: Path, step: int) -> None:
         self.tensorboard.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
 

@@ -116,6 +116,7 @@ class Trainer:
             self.nonfinite_total = state.get("nonfinite_steps", 0)
             self.start = state["step"]
         self.stop_requested = False
+        self.metric_networks = None
         self.encode_text = text
         if config.text.cache_dir and not text.trainable:
             self.encode_text = TextCache(config.text.cache_dir, text, writer=str(self.world.rank))
@@ -191,6 +192,8 @@ class Trainer:
                     logger.step(step, values if log else {}, log)
                 if done % tc.sample_every == 0 or done == tc.steps:
                     last_grid = self.sample(done, logger) or last_grid
+                if tc.metrics_every and done % tc.metrics_every == 0:
+                    self.measure(done, logger)
                 stop = world.any(self.stop_requested, self.device)
                 if done % tc.checkpoint_every == 0 or done == tc.steps or stop:
                     self.save(done)
@@ -213,14 +216,36 @@ class Trainer:
                 print(f"pixrun: samples: {last_grid}")
         return self.run_dir
 
-    def sample(self, step: int, logger: RunLogger | None) -> Path | None:
-        ema = {name: whole_tensor(t) for name, t in self.ema.shadow.items()}  # every rank takes part in gathering
+    def loaded_ema_pipeline(self) -> Pipeline | None:
+        """The EMA weights in a plain copy of the model, on rank 0 (every rank takes part in gathering them)."""
+        ema = {name: whole_tensor(t) for name, t in self.ema.shadow.items()}
         if not self.world.is_main:
             return None
         self.ema_pipeline.load_weights(ema)
-        path = sample_grid(self.ema_pipeline, self.run_dir / "samples" / f"step_{step:07d}.png")
+        return self.ema_pipeline
+
+    def sample(self, step: int, logger: RunLogger | None) -> Path | None:
+        pipeline = self.loaded_ema_pipeline()
+        if pipeline is None:
+            return None
+        path = sample_grid(pipeline, self.run_dir / "samples" / f"step_{step:07d}.png")
         logger.image("samples/ema", path, step)
         return path
+
+    def measure(self, step: int, logger: RunLogger | None) -> None:
+        """FID/KID/CMMD/DINO-MMD of EMA samples and the MSE of x0 by t, on a held-out shapes sample."""
+        from pixrun.metrics import load_networks, mse_by_t, shapes_quality_metrics, shapes_reference
+
+        pipeline = self.loaded_ema_pipeline()
+        if pipeline is None:
+            return
+        config = self.config.metrics
+        if self.metric_networks is None:
+            self.metric_networks = load_networks(config, self.device)
+        scores = shapes_quality_metrics(pipeline, config, self.metric_networks)
+        held_out = shapes_reference(self.data, self.config.data.resolution, config.num_images, config.seed)
+        scores.update(mse_by_t(pipeline, held_out.load(), held_out.captions, seed=config.seed))
+        logger.record("quality", scores, step)
 
     def save(self, step: int) -> Path:
         if isinstance(self.encode_text, TextCache):
