@@ -129,7 +129,7 @@ def data_time_and_text_tokens(trainer, steps: range) -> tuple[float, float]:
     seconds, lengths = 0.0, []
     for step in steps:
         start = time.perf_counter()
-        _, captions = trainer.data.batch(config.train.seed, step, config.train.batch_size, config.data.resolution)
+        captions = trainer.source.batch(step, *config.stage_at(step)).captions
         seconds += time.perf_counter() - start
         tokens = tower.tokenizer(captions, padding=True, truncation=True, max_length=tower.max_tokens)
         lengths.append(len(tokens["input_ids"][0]))

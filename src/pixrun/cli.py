@@ -61,6 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     p_geneval.add_argument("--seed", type=int, default=0)
     p_geneval.add_argument("--weights", choices=["ema", "weights"], default="ema")
 
+    p_data = commands.add_parser("data", help="prepare a data set for training")
+    data_commands = p_data.add_subparsers(dest="data_command", required=True)
+    p_prepare = data_commands.add_parser(
+        "prepare", help="image folder, img2dataset tar shards or a Parquet table -> WebDataset shards by bucket")
+    p_prepare.add_argument("src", type=Path)
+    p_prepare.add_argument("out", type=Path)
+    p_prepare.add_argument("options", nargs="*", metavar="key=value",
+                           help="PrepareOptions, e.g. resolution=512 patch_size=32 jpeg_quality=95 processes=8")
+    p_prepare.add_argument("--text-encoder", default=None, metavar="HUB_ID|PATH",
+                           help="store each caption's embeddings by this frozen encoder beside the sample")
+    p_prepare.add_argument("--max-tokens", type=int, default=256)
+
+    from pixrun.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(commands.add_parser(
+        "bench", help="time training steps: images/s, FLOPs per image, MFU, peak memory; or compare with diffusers"))
+
     p_export = commands.add_parser("export", help="write a run as a diffusers PRXPixelPipeline folder")
     p_export.add_argument("run", type=Path)
     p_export.add_argument("out", type=Path)
@@ -69,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "geneval": cmd_geneval,
-                    "export": cmd_export}
+                    "export": cmd_export, "data": cmd_data, "bench": cmd_bench}
         return commands[args.command](args)
     except (ConfigError, UsageError, FileNotFoundError) as e:
         print(f"pixrun: error: {e}", file=sys.stderr)
@@ -186,6 +203,45 @@ def cmd_geneval(args) -> int:
         raise UsageError(str(e)) from None
     print(f"{args.out}: {count} prompts x {args.images_per_prompt} images")
     return 0
+
+
+def cmd_data(args) -> int:
+    from pixrun.config import options_from
+    from pixrun.data.prepare import PrepareOptions, prepare_dataset
+
+    options = options_from(PrepareOptions, args.options, "prepare")
+    embed = None
+    if args.text_encoder:
+        embed = _caption_embedder(args.text_encoder, args.max_tokens)
+    try:
+        report = prepare_dataset(args.src, args.out, options, embed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(report.summary())
+    return 0
+
+
+def _caption_embedder(encoder: str, max_tokens: int):
+    """Captions -> one float16 array (tokens, dim) each, without padding, by a frozen pretrained encoder."""
+    import torch
+
+    from pixrun.pipeline import resolve_device
+    from pixrun.text import TextConfig, TextTower
+
+    tower = TextTower.build(TextConfig(encoder=encoder, max_tokens=max_tokens), []).to(resolve_device("auto"))
+
+    @torch.no_grad()
+    def embed(captions: list[str]) -> list:
+        states, mask = tower(captions)
+        return [s[m].to(torch.float16).cpu().numpy() for s, m in zip(states, mask)]
+
+    return embed
+
+
+def cmd_bench(args) -> int:
+    from pixrun.bench import command
+
+    return command(args)
 
 
 def cmd_export(args) -> int:

@@ -24,10 +24,17 @@ class ConfigError(ValueError):
     pass
 
 
+AUXILIARY_LOSSES = ("lpips", "pdino", "repa")
+
+
 @dataclass
 class DataConfig:
-    source: str = "shapes"
+    source: str = "shapes"  # shapes: the built-in world | shards: prepared by `pixrun data prepare`
     resolution: int = 64
+    shards: str = ""  # source shards: the prepared folder (or its index.json, or a URL)
+    shard_url: str | None = None  # e.g. "pipe:curl -sL https://host/data/{path}" for shards behind a URL
+    num_workers: int = 2  # loader processes per rank
+    shuffle_shards: int = 4  # samples are shuffled within groups of this many shards
     kinds: list[str] = field(default_factory=lambda: ["circle", "square", "triangle", "cross"])
     colors: list[str] = field(default_factory=lambda: ["red", "orange", "yellow", "green", "blue", "purple"])
     heldout: list[str] = field(default_factory=lambda: ["purple triangle", "orange circle"])  # never trained on
@@ -51,6 +58,18 @@ class TrainConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-resolution run: steps up to `until_step` (global), at `resolution` and `batch_size`."""
+
+    until_step: int
+    resolution: int
+    batch_size: int
+    losses: list[str] | None = None  # auxiliary losses on in this stage (lpips, pdino, repa); None: all configured
+    tread: bool | None = None  # token routing in this stage; None: as tread.enabled
+    shards: str | None = None  # data.source shards: this stage's prepared set; None: data.shards
+
+
+@dataclass
 class EvalConfig:
     prompts_per_task: int = 16
     images_per_prompt: int = 4
@@ -71,6 +90,22 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tread: TokenRouting = field(default_factory=TokenRouting)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage (train.steps, data.resolution, ...)
+
+    def stage_plan(self) -> list[StageConfig]:
+        """The stages the run goes through; a run without `stages` is one stage."""
+        if self.stages:
+            return self.stages
+        return [StageConfig(self.train.steps, self.data.resolution, self.train.batch_size)]
+
+    def stage_at(self, step: int) -> tuple[StageConfig, int]:
+        """The stage step `step` belongs to, and the step it starts at."""
+        start = 0
+        for stage in self.stage_plan():
+            if step < stage.until_step:
+                return stage, start
+            start = stage.until_step
+        raise ValueError(f"step {step} is past the last stage")
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -90,8 +125,17 @@ class Config:
         res, patch = self.data.resolution, self.model.patch_size
         if res % patch:
             raise ConfigError(f"model.patch_size {patch} does not divide data.resolution {res}")
-        if self.data.source != "shapes":
-            raise ConfigError(f"data.source {self.data.source!r} is not known (known: shapes)")
+        self._validate_stages()
+        if self.data.source not in ("shapes", "shards"):
+            raise ConfigError(f"data.source {self.data.source!r} is not known (known: shapes, shards)")
+        if self.data.source == "shards":
+            if not self.data.shards and not all(stage.shards for stage in self.stage_plan()):
+                raise ConfigError("data.source shards needs data.shards: a folder made by `pixrun data prepare`")
+            if self.text.trainable:
+                raise ConfigError("the small jointly trained text encoder's tokenizer is built from the shapes "
+                                  "world's words; with data.source shards set text.encoder to a pretrained one")
+        if self.data.num_workers < 0 or self.data.shuffle_shards < 1:
+            raise ConfigError("data.num_workers must be >= 0 and data.shuffle_shards >= 1")
         if self.train.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.train.precision!r}")
         positive = {
@@ -110,6 +154,30 @@ class Config:
             raise ConfigError(f"ema.decay must lie in [0, 1), got {self.ema.decay}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.optim.betas}")
+
+
+    def _validate_stages(self) -> None:
+        if not self.stages:
+            return
+        previous = 0
+        for i, stage in enumerate(self.stages):
+            where = f"stages[{i}]"
+            if stage.until_step <= previous:
+                raise ConfigError(f"{where}.until_step must be larger than the stage before's ({previous})")
+            if stage.resolution <= 0 or stage.resolution % self.model.patch_size:
+                raise ConfigError(f"model.patch_size {self.model.patch_size} does not divide {where}.resolution "
+                                  f"{stage.resolution}")
+            if stage.batch_size <= 0:
+                raise ConfigError(f"{where}.batch_size must be positive")
+            unknown = set(stage.losses or []) - set(AUXILIARY_LOSSES)
+            if unknown:
+                raise ConfigError(f"{where}.losses: {sorted(unknown)[0]!r} is not one of {', '.join(AUXILIARY_LOSSES)}")
+            previous = stage.until_step
+        if previous != self.train.steps:
+            raise ConfigError(f"the last stage ends at step {previous}, but train.steps is {self.train.steps}")
+        if self.stages[-1].resolution != self.data.resolution:
+            raise ConfigError(f"data.resolution ({self.data.resolution}) must be the last stage's resolution "
+                              f"({self.stages[-1].resolution}): it is the resolution the model samples at")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -133,6 +201,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     config = _build(Config, _apply_preset(raw), "")
     config.validate()
     return config
+
+
+def options_from(cls, items: list[str], where: str):
+    """A dataclass of settings from `key=value` strings (YAML values), checked like a config section."""
+    raw: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item!r} is not of the form key=value")
+        raw[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return _build(cls, raw, where)
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pixrun.checkpoint import latest_checkpoint
+from pixrun.checkpoint import latest_good_checkpoint
 from pixrun.config import Config, ConfigError
 from pixrun.model import ModelConfig
 from pixrun.pipeline import load_run, load_run_config
@@ -124,10 +124,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, weights: str = "ema") -
         tokenizer=tower.tokenizer,
         default_sample_size=config.data.resolution,
         prompt_max_tokens=config.text.max_tokens,
-        noise_scale=config.flow.noise_scale,
+        noise_scale=run.flow.noise_scale(torch.empty(config.data.resolution, config.data.resolution)),
     )
     pipe.save_pretrained(out_dir)
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = latest_good_checkpoint(run_dir)
     provenance = {
         "run": str(run_dir.resolve()),
         "checkpoint": checkpoint.name,

@@ -23,6 +23,7 @@ class FlowConfig:
     t_shift: float = 3.0  # s * t / (1 + (s - 1) * t); > 1 moves training toward noise
     uniform_fraction: float = 0.1  # share of t drawn uniformly, so no noise level goes unseen
     noise_scale: float = 1.0
+    noise_scale_base: int = 0  # > 0: noise scale x sqrt(H * W) / base, growing with resolution (JiT: size / 256)
     t_clamp: float = 0.05  # divisions by t (or 1 - t) never go below this
     caption_dropout: float = 0.1  # share of captions replaced by the empty prompt, for guidance
 
@@ -34,6 +35,8 @@ class FlowConfig:
             raise ValueError("flow.t_sigma, flow.t_shift and flow.noise_scale must be positive")
         if not 0 <= self.uniform_fraction <= 1 or not 0 <= self.caption_dropout <= 1:
             raise ValueError("flow.uniform_fraction and flow.caption_dropout must lie in [0, 1]")
+        if self.noise_scale_base < 0:
+            raise ValueError("flow.noise_scale_base must be 0 (off) or a resolution")
         if not 0 < self.t_clamp < 1:
             raise ValueError("flow.t_clamp must lie in (0, 1)")
 
@@ -60,15 +63,22 @@ class Flow:
         use_uniform = torch.rand(n, generator=generator) < c.uniform_fraction
         return torch.where(use_uniform, uniform, t)
 
+    def noise_scale(self, like: torch.Tensor) -> float:
+        """s for images shaped like `like` (..., H, W)."""
+        c = self.config
+        if not c.noise_scale_base:
+            return c.noise_scale
+        return c.noise_scale * (like.shape[-2] * like.shape[-1]) ** 0.5 / c.noise_scale_base
+
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = _expand(t, x0)
-        return (1 - t) * x0 + t * self.config.noise_scale * eps
+        return (1 - t) * x0 + t * self.noise_scale(x0) * eps
 
     def convert(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, src: str, dst: str) -> torch.Tensor:
         """Express a prediction of `src` (x | eps | v) at (x_t, t) as the matching `dst`."""
         if src == dst:
             return pred
-        s, clamp = self.config.noise_scale, self.config.t_clamp
+        s, clamp = self.noise_scale(x_t), self.config.t_clamp
         t = _expand(t, x_t)
         if src == "x":
             x0 = pred
@@ -91,7 +101,7 @@ class Flow:
     def target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """What a perfect network outputs, in the prediction's own space."""
         p = self.config.prediction
-        return x0 if p == "x" else eps if p == "eps" else self.config.noise_scale * eps - x0
+        return x0 if p == "x" else eps if p == "eps" else self.noise_scale(x0) * eps - x0
 
     def loss(self, pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean squared error in the loss space; prediction and truth go through the same conversion."""

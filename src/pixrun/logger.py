@@ -10,25 +10,25 @@ from tqdm import tqdm
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, images_per_step: int):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int):
         from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
         self.run_dir = run_dir
-        self.images_per_step = images_per_step
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=2.0)
         self.window_start = time.perf_counter()
-        self.window_steps = 0
+        self.window_images = 0
 
-    def step(self, step: int, values: dict[str, float], log: bool) -> None:
+    def step(self, step: int, values: dict[str, float], images: int) -> None:
+        """A finished step of `images` images; `values` (empty between log steps) go to the logs."""
         self.bar.update(1)
-        self.window_steps += 1
-        if not log:
+        self.window_images += images
+        if not values:
             return
         elapsed = time.perf_counter() - self.window_start
-        images_per_s = self.window_steps * self.images_per_step / max(elapsed, 1e-9)
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        images_per_s = self.window_images / max(elapsed, 1e-9)
+        self.window_start, self.window_images = time.perf_counter(), 0
         record = {"step": step + 1, **values, "images_per_s": images_per_s, "time": time.time()}
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()

@@ -142,7 +142,7 @@ def generate(
     shape = (model.config.in_channels, resolution, resolution)
     seeds = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     noise = torch.stack([torch.randn(shape, generator=g) for g in seeds])
-    x = flow.config.noise_scale * noise.to(device)
+    x = flow.noise_scale(noise) * noise.to(device)
     if routing is not None and config.self_guidance != 1:
         model_fn = self_guided(model, routing, config.self_guidance, config.self_guidance_seed)
     else:

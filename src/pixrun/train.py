@@ -16,6 +16,7 @@ import torch
 
 from pixrun.checkpoint import Checkpointer, latest_good_checkpoint, list_checkpoints, whole_tensor
 from pixrun.config import Config, ConfigError, save_config
+from pixrun.data.source import LocalBatch, ShapesSource, ShardSource
 from pixrun.flow import Flow
 from pixrun.logger import RunLogger, save_grid
 from pixrun.model import Denoiser, RoutePlan, count_parameters
@@ -84,12 +85,13 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.world, self.device = init_world(config.parallel, tc.device)
-        if tc.batch_size % self.world.size:
-            raise ConfigError(f"train.batch_size {tc.batch_size} does not split over {self.world.size} processes")
+        for stage in config.stage_plan():
+            if stage.batch_size % self.world.size:
+                raise ConfigError(f"batch size {stage.batch_size} does not split over {self.world.size} processes")
         self.run_dir = Path(config.run_dir)
         checkpoint = resume_point(self.run_dir, resume)
-        self.data = build_world(config)
-        pipeline = prepare(config, self.data.vocabulary(), checkpoint, self.world).to(self.device)
+        self.source = build_source(config, self.world)
+        pipeline = prepare(config, build_world(config).vocabulary(), checkpoint, self.world).to(self.device)
         self.ema_pipeline = copy.deepcopy(pipeline).eval() if self.world.is_main else None
         self.bf16 = uses_bf16(self.device, tc.precision)
         text = pipeline.text_tower
@@ -115,38 +117,43 @@ class Trainer:
             self.ema.updates = state["ema_updates"]
             self.nonfinite_total = state.get("nonfinite_steps", 0)
             self.start = state["step"]
+            self.source.load_state_dict(state.get("data", {}))
         self.stop_requested = False
         self.metric_networks = None
         self.encode_text = text
         if config.text.cache_dir and not text.trainable:
             self.encode_text = TextCache(config.text.cache_dir, text, writer=str(self.world.rank))
 
-    def local_slice(self) -> slice:
-        per_rank = self.config.train.batch_size // self.world.size
-        return slice(self.world.rank * per_rank, (self.world.rank + 1) * per_rank)
-
     def step(self, step: int) -> dict[str, torch.Tensor]:
-        """One optimisation step on this rank's slice of global batch `step`; returns loss and grad norm."""
+        """One optimisation step on this rank's part of global batch `step`; returns loss and grad norm."""
         config, tc = self.config, self.config.train
-        denoiser, text_tower, flow = self.pipeline.denoiser, self.pipeline.text_tower, self.pipeline.flow
+        denoiser, flow = self.pipeline.denoiser, self.pipeline.flow
         set_lr(self.optimizer, step, config.optim)
-        x0, captions = self.data.batch(tc.seed, step, tc.batch_size, config.data.resolution)
+        stage, stage_start = config.stage_at(step)
+        batch = self.source.batch(step, stage, stage_start)
+        if self.world.any(len(batch.captions) == 0, self.device):  # a batch of only bad samples somewhere
+            self.optimizer.zero_grad(set_to_none=True)
+            return {}
+        # the draws are made for the whole global batch, then each rank takes its own rows
+        size = stage.batch_size
         gen = step_generator(tc.seed, step)
-        dropped = (torch.rand(len(captions), generator=gen) < config.flow.caption_dropout).tolist()
-        captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
-        t = flow.sample_t(len(captions), gen)
-        eps = torch.randn(x0.shape, generator=gen)
+        dropped = torch.rand(size, generator=gen) < config.flow.caption_dropout
+        t = flow.sample_t(size, gen)
+        eps = torch.randn((size, *batch.images.shape[1:]), generator=gen)
+        tread = config.tread.enabled if stage.tread is None else stage.tread
         plan = None
-        if config.tread.enabled:  # drawn last, so runs without TREAD keep the same draws
-            tokens = (x0.shape[-2] // config.model.patch_size) * (x0.shape[-1] // config.model.patch_size)
-            plan = denoiser.plan_routing(config.tread, len(captions), tokens, gen)
-        mine = self.local_slice()
-        x0, eps, t, captions = x0[mine].to(self.device), eps[mine].to(self.device), t[mine].to(self.device), captions[mine]
+        if tread:  # drawn last, so runs without TREAD keep the same draws
+            p = config.model.patch_size
+            tokens = (batch.images.shape[-2] // p) * (batch.images.shape[-1] // p)
+            plan = denoiser.plan_routing(config.tread, size, tokens, gen)
+        first = self.world.rank * (size // self.world.size)
+        mine = slice(first, first + len(batch.captions))
+        x0, eps, t = batch.images.to(self.device), eps[mine].to(self.device), t[mine].to(self.device)
         if plan is not None:
             plan = RoutePlan(plan.kept_index[mine].to(self.device), plan.blocks)
         x_t = flow.add_noise(x0, eps, t)
         with compute_context(self.device, tc.precision):
-            txt, mask = self.encode_text(captions)
+            txt, mask = self.text_states(batch, dropped[mine].tolist())
             pred = denoiser(x_t, t, txt, mask, routing=plan)
         loss = flow.loss(pred.float(), x0, eps, x_t, t)
         self.optimizer.zero_grad(set_to_none=True)
@@ -165,6 +172,20 @@ class Trainer:
                                     f"{step + 1}); lower optim.lr or raise optim.warmup_steps, then --resume")
         return {"loss": loss.detach(), "grad_norm": grad_norm, "lr": torch.tensor(lr_at(step, config.optim))}
 
+    def text_states(self, batch: LocalBatch, dropped: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoded captions; a dropped caption becomes the encoded empty prompt. Embeddings precomputed by
+        `pixrun data prepare` are used as they are (they came from the same frozen encoder)."""
+        if batch.embeddings is None or self.pipeline.text_tower.trainable:
+            return self.encode_text(["" if drop else caption for caption, drop in zip(batch.captions, dropped)])
+        empty, _ = self.encode_text([""])
+        states = [empty[0, :1] if drop else e.to(self.device, empty.dtype) for e, drop in zip(batch.embeddings, dropped)]
+        length = max(len(s) for s in states)
+        txt = torch.zeros(len(states), length, empty.shape[-1], device=self.device, dtype=empty.dtype)
+        mask = torch.zeros(len(states), length, device=self.device, dtype=torch.bool)
+        for i, s in enumerate(states):
+            txt[i, : len(s)], mask[i, : len(s)] = s, True
+        return txt, mask
+
     def run(self) -> Path:
         tc, world = self.config.train, self.world
         if world.is_main:
@@ -175,7 +196,7 @@ class Trainer:
                 f" | {self.device} x {world.size} ({self.strategy}) | steps {self.start}->{tc.steps} at batch "
                 f"{tc.batch_size}, {self.config.data.resolution} px"
             )
-        logger = RunLogger(self.run_dir, tc.steps, self.start, tc.batch_size) if world.is_main else None
+        logger = RunLogger(self.run_dir, tc.steps, self.start) if world.is_main else None
         last_grid = None
         self.pipeline.denoiser.train()
         self.pipeline.text_tower.train(self.pipeline.text_tower.trainable)
@@ -184,12 +205,13 @@ class Trainer:
             for step in range(self.start, tc.steps):
                 metrics = self.step(step)
                 done = step + 1
-                log = done % tc.log_every == 0 or done == tc.steps
+                log = (done % tc.log_every == 0 or done == tc.steps) and bool(metrics)
+                values = {}
                 if log:
                     values = {name: world.mean(value).item() for name, value in metrics.items()}
                     values["nonfinite_steps"] = self.nonfinite_total
                 if logger is not None:
-                    logger.step(step, values if log else {}, log)
+                    logger.step(step, values, self.config.stage_at(step)[0].batch_size)
                 if done % tc.sample_every == 0 or done == tc.steps:
                     last_grid = self.sample(done, logger) or last_grid
                 if tc.metrics_every and done % tc.metrics_every == 0:
@@ -243,7 +265,7 @@ class Trainer:
         if self.metric_networks is None:
             self.metric_networks = load_networks(config, self.device)
         scores = shapes_quality_metrics(pipeline, config, self.metric_networks)
-        held_out = shapes_reference(self.data, self.config.data.resolution, config.num_images, config.seed)
+        held_out = shapes_reference(build_world(self.config), self.config.data.resolution, config.num_images, config.seed)
         scores.update(mse_by_t(pipeline, held_out.load(), held_out.captions, seed=config.seed))
         logger.record("quality", scores, step)
 
@@ -251,7 +273,7 @@ class Trainer:
         if isinstance(self.encode_text, TextCache):
             self.encode_text.flush()
         return self.checkpointer.save(step, self.ema.shadow, {
-            "ema_updates": self.ema.updates, "nonfinite_steps": self.nonfinite_total, "world_size": self.world.size,
+            "ema_updates": self.ema.updates, "data": self.source.state_dict(), "nonfinite_steps": self.nonfinite_total, "world_size": self.world.size,
             "config": dataclasses.asdict(self.config), "saved_at": time.time(),
         })
 
@@ -262,6 +284,14 @@ class Trainer:
         if self.stop_requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.stop_requested = True
+
+
+def build_source(config: Config, world: World) -> ShapesSource | ShardSource:
+    if config.data.source == "shapes":
+        return ShapesSource(build_world(config), config.train.seed, world.rank, world.size)
+    d = config.data
+    return ShardSource(d.shards, config.train.seed, world.rank, world.size, d.num_workers, d.shuffle_shards,
+                       d.shard_url)
 
 
 def train(config: Config, resume: str | None = None) -> Path:

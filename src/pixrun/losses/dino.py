@@ -67,7 +67,8 @@ class DinoFeatures(nn.Module):
     def forward(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1], resized to `size` pixels -> patch tokens (B, N, D), CLS and registers
         dropped. Gradients flow to `images`; wrap in no_grad for targets."""
-        x = F.interpolate((images + 1) / 2, size=size, mode="bicubic", antialias=True)
+        # float: x̂₀ may come out of autocast in bf16, which antialiased resizing does not take on CPU
+        x = F.interpolate((images.float() + 1) / 2, size=size, mode="bicubic", antialias=True)
         tokens = self.model(pixel_values=(x - self.mean) / self.std).last_hidden_state
         return tokens[:, self.prefix :]
 

@@ -38,7 +38,7 @@ class LPIPSConfig:
 
 
 class Lin(nn.Module):
-    """One tap's channel weighting; `model` is a Sequential so the official keys `linN.model.1.weight` fit."""
+    """One tap's channel weights; `model` mirrors the official (dropout, 1x1 conv) so `linN.model.1.weight` fits."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -74,18 +74,21 @@ class LPIPS(nn.Module):
         self.lins.load_state_dict({k.replace("lin", "", 1): v for k, v in state.items()}, strict=True)
 
     def train(self, mode: bool = True) -> "LPIPS":
-        return super().train(False)  # frozen: a parent's .train() must not switch the lin dropouts on
+        return super().train(False)  # frozen: a parent's .train() must not change it
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.float()  # x̂₀ may come out of autocast in bf16, which antialiased resizing does not take on CPU
         if self.downsample != 1:
             x = F.interpolate(x, scale_factor=self.downsample, mode="bilinear", antialias=True)
-        taps = self.vgg((x - self.shift) / self.scale)
+        taps = [f.float() for f in self.vgg((x - self.shift) / self.scale)]
         # eps inside the root too: a tap that is all zero at a pixel (common after ReLU) would give a NaN gradient
-        return [f.float() / (f.float().pow(2).sum(1, keepdim=True) + 1e-10).sqrt() for f in taps]
+        return [f / (f.pow(2).sum(1, keepdim=True) + 1e-10).sqrt() for f in taps]
 
     def forward(self, x_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], (B, 3, H, W) -> (B,) distances; gradients flow to x_hat (x0 is the target)."""
         with torch.no_grad():
             target = self.features(x0)
         pred = self.features(x_hat)
-        return sum(lin.model((p - q).pow(2)).mean((1, 2, 3)) for lin, p, q in zip(self.lins, pred, target))
+        # the 1x1 conv written as a weighted channel sum, so autocast leaves it in fp32
+        weights = [lin.model[1].weight for lin in self.lins]
+        return sum((w * (p - q).pow(2)).sum(1).mean((1, 2)) for w, p, q in zip(weights, pred, target))

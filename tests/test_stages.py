@@ -1,0 +1,93 @@
+"""Multi-resolution stages and training from prepared shards, each resumed mid-run to the same weights."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from pixrun.checkpoint import list_checkpoints, load_state
+from pixrun.cli import _caption_embedder
+from pixrun.config import ConfigError
+from pixrun.data.prepare import PrepareOptions, prepare_dataset
+from pixrun.parallel import World
+from pixrun.train import build_source, train
+from tests.test_faults import assert_identical
+
+STAGES = "[{until_step: 4, resolution: 16, batch_size: 8}, {until_step: 8, resolution: 32, batch_size: 4}]"
+
+
+def resume_from(run_dir, step, tmp_path, name):
+    """A copy of a finished run that stopped after `step`: later checkpoints and logs removed."""
+    copy = tmp_path / name
+    shutil.copytree(run_dir, copy)
+    for checkpoint in list_checkpoints(copy):
+        if int(checkpoint.name.split("_")[1]) > step:
+            shutil.rmtree(checkpoint)
+    (copy / "metrics.jsonl").unlink()
+    return copy
+
+
+def test_stages_change_resolution_and_batch_and_resume_across_the_boundary(tiny_config, tmp_path):
+    common = dict(train__steps=8, stages=STAGES, train__checkpoint_every=2, train__keep_checkpoints=10,
+                  train__sample_every=100)
+    straight = tiny_config("straight", **common)
+    source = build_source(straight, World())
+    assert [tuple(source.batch(step, *straight.stage_at(step)).images.shape) for step in (3, 4)] == [
+        (8, 3, 16, 16), (4, 3, 32, 32)]
+    train(straight)
+    records = [json.loads(line) for line in open(straight.run_dir + "/metrics.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    resumed = resume_from(straight.run_dir, 2, tmp_path, "resumed")
+    train(tiny_config("resumed", **common), resume="auto")
+    assert_identical(list_checkpoints(straight.run_dir)[-1], list_checkpoints(resumed)[-1])
+    with pytest.raises(ConfigError, match="last stage ends at step 8, but train.steps is 9"):
+        tiny_config(train__steps=9, stages=STAGES)
+    with pytest.raises(ConfigError, match="data.resolution"):
+        tiny_config(train__steps=8, stages=STAGES.replace("resolution: 32", "resolution: 24"))
+
+
+def tiny_t5(path):
+    words = "a photo of red green blue circle square".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
+    tokenizer = transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
+    config = transformers.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, num_heads=2, num_layers=1, d_ff=32)
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def image_folder(root, count):
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    colors = ["red", "green", "blue"]
+    for i in range(count):
+        w, h = (48, 40) if i % 3 else (40, 56)
+        pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:03d}.jpg")
+        (root / f"{i:03d}.txt").write_text(f"a photo of a {colors[i % 3]} {'circle' if i % 2 else 'square'}")
+    return root
+
+
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_training_on_prepared_shards_resumes_without_repeating_or_skipping(tiny_config, tmp_path, embeddings):
+    encoder = str(tiny_t5(tmp_path / "t5"))
+    options = PrepareOptions(resolution=32, patch_size=8, min_side=16, processes=1)
+    embed = _caption_embedder(encoder, 32) if embeddings else None
+    report = prepare_dataset(image_folder(tmp_path / "images", 40), tmp_path / "prepared", options, embed)
+    assert report.kept == 40
+    common = dict(data__source="shards", data__shards=str(tmp_path / "prepared"), data__num_workers=0,
+                  text__encoder=encoder, text__dtype="float32", train__steps=6, train__batch_size=4,
+                  train__checkpoint_every=2, train__keep_checkpoints=10, train__sample_every=100)
+    straight = tiny_config("straight", **common)
+    train(straight)
+    assert load_state(list_checkpoints(straight.run_dir)[-1])["data"]["stream"]  # the stream's position is saved
+    resumed = resume_from(straight.run_dir, 2, tmp_path, "resumed")
+    train(tiny_config("resumed", **common), resume="auto")
+    assert_identical(list_checkpoints(straight.run_dir)[-1], list_checkpoints(resumed)[-1])
+    with pytest.raises(ConfigError, match="pretrained"):
+        tiny_config(**{k: v for k, v in common.items() if k != "text__encoder"})
