@@ -92,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pixrun: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except RuntimeError as e:
+        from pixrun.losses import WeightsMissingError
         from pixrun.train import TrainingError
 
-        if not isinstance(e, TrainingError):
+        if not isinstance(e, (TrainingError, WeightsMissingError)):
             raise
         print(f"pixrun: error: {e}", file=sys.stderr)
-        return 1
+        return USAGE_ERROR if isinstance(e, WeightsMissingError) else 1
 
 
 def cmd_train(args) -> int:

@@ -12,6 +12,9 @@ from pathlib import Path
 import yaml
 
 from pixrun.flow import FlowConfig
+from pixrun.losses.lpips import LPIPSConfig
+from pixrun.losses.pdino import PDinoConfig
+from pixrun.losses.repa import REPAConfig
 from pixrun.metrics import MetricsConfig
 from pixrun.model import PRESETS, ModelConfig, TokenRouting
 from pixrun.optim import EMAConfig, OptimConfig
@@ -88,6 +91,9 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
+    pdino: PDinoConfig = field(default_factory=PDinoConfig)
+    repa: REPAConfig = field(default_factory=REPAConfig)
     tread: TokenRouting = field(default_factory=TokenRouting)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage (train.steps, data.resolution, ...)
@@ -118,6 +124,10 @@ class Config:
             self.parallel.validate()
             self.optim.validate()
             self.metrics.validate()
+            for loss in (self.lpips, self.pdino, self.repa):
+                loss.validate()
+            if self.repa.weight > 0 and self.repa.block >= self.model.depth:
+                raise ValueError(f"repa.block {self.repa.block} is not a block of a depth-{self.model.depth} model")
             if self.tread.enabled:
                 self.tread.blocks(self.model.depth)
         except ValueError as e:

@@ -105,10 +105,11 @@ def resolve_strategy(config: ParallelConfig, world: World) -> str:
     return config.strategy
 
 
-def parallelize(denoiser: nn.Module, text_encoder: nn.Module | None, config: ParallelConfig, world: World,
+def parallelize(denoiser: nn.Module, others: list[nn.Module], config: ParallelConfig, world: World,
                 device: torch.device, bf16: bool) -> str:
     """Checkpoint, compile, then replicate or shard the trainable modules in place; returns the strategy used.
-    `text_encoder` is the jointly trained one (None when it is frozen: a frozen encoder is simply replicated)."""
+    `others` are the other trained modules (a jointly trained text encoder, REPA's projector), each one unit;
+    frozen networks (a pretrained text encoder, loss networks) are simply replicated."""
     if config.activation_checkpointing:
         for block in denoiser.blocks:
             _checkpoint_activations(block)
@@ -116,7 +117,7 @@ def parallelize(denoiser: nn.Module, text_encoder: nn.Module | None, config: Par
         for block in denoiser.blocks:
             block.compile()
     strategy = resolve_strategy(config, world)
-    modules = [m for m in (text_encoder, denoiser) if m is not None]
+    modules = [*others, denoiser]
     if strategy == "ddp":
         from torch.distributed._composable import replicate
 

@@ -19,6 +19,7 @@ from pixrun.config import Config, ConfigError, save_config
 from pixrun.data.source import LocalBatch, ShapesSource, ShardSource
 from pixrun.flow import Flow
 from pixrun.logger import RunLogger, save_grid
+from pixrun.losses.auxiliary import AuxiliaryLosses
 from pixrun.model import Denoiser, RoutePlan, count_parameters
 from pixrun.optim import EMA, build_optimizer, lr_at, set_lr
 from pixrun.parallel import World, close_world, init_world, parallelize
@@ -95,18 +96,19 @@ class Trainer:
         self.ema_pipeline = copy.deepcopy(pipeline).eval() if self.world.is_main else None
         self.bf16 = uses_bf16(self.device, tc.precision)
         text = pipeline.text_tower
+        self.aux = AuxiliaryLosses(config, config.model.width, self.device)
+        owners = {"denoiser": pipeline.denoiser, **({"text_encoder": text.encoder} if text.trainable else {}),
+                  **self.aux.trainable()}
         try:
-            self.strategy = parallelize(pipeline.denoiser, text.encoder if text.trainable else None,
+            self.strategy = parallelize(pipeline.denoiser, [m for n, m in owners.items() if n != "denoiser"],
                                         config.parallel, self.world, self.device, self.bf16)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self.aux.capture(pipeline.denoiser)
         self.pipeline = pipeline
-        self.params = pipeline.trainable_parameters()
+        self.params = {f"{owner}.{name}": p for owner, module in owners.items() for name, p in module.named_parameters()}
         self.optimizer = build_optimizer(self.params, config.optim)
         self.ema = EMA(self.params, config.ema)
-        owners = {"denoiser": pipeline.denoiser}
-        if text.trainable:
-            owners["text_encoder"] = text.encoder
         self.checkpointer = Checkpointer(self.run_dir, self.params, owners, self.optimizer, self.world.is_main,
                                          self.world.barrier, tc.keep_checkpoints)
         self.start = 0
@@ -155,7 +157,9 @@ class Trainer:
         with compute_context(self.device, tc.precision):
             txt, mask = self.text_states(batch, dropped[mine].tolist())
             pred = denoiser(x_t, t, txt, mask, routing=plan)
-        loss = flow.loss(pred.float(), x0, eps, x_t, t)
+            terms = self.aux(flow.to_x0(pred.float(), x_t, t), x0, t, plan, stage, step, config.model.patch_size)
+        flow_loss = flow.loss(pred.float(), x0, eps, x_t, t)
+        loss = flow_loss + sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = whole_tensor(torch.nn.utils.clip_grad_norm_(self.params.values(), config.optim.grad_clip))
@@ -170,7 +174,8 @@ class Trainer:
             if self.nonfinite_in_row >= tc.max_nonfinite_in_row:
                 raise TrainingError(f"the loss was non-finite {self.nonfinite_in_row} steps in a row (last: step "
                                     f"{step + 1}); lower optim.lr or raise optim.warmup_steps, then --resume")
-        return {"loss": loss.detach(), "grad_norm": grad_norm, "lr": torch.tensor(lr_at(step, config.optim))}
+        return {"loss": loss.detach(), "flow_loss": flow_loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                "grad_norm": grad_norm, "lr": torch.tensor(lr_at(step, config.optim))}
 
     def text_states(self, batch: LocalBatch, dropped: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoded captions; a dropped caption becomes the encoded empty prompt. Embeddings precomputed by
@@ -193,8 +198,9 @@ class Trainer:
             print(
                 f"pixrun: {self.run_dir} | denoiser {count_parameters(denoiser) / 1e6:.2f} M params, text tower "
                 f"{count_parameters(text_tower.encoder) / 1e6:.2f} M ({'trained' if text_tower.trainable else 'frozen'})"
-                f" | {self.device} x {world.size} ({self.strategy}) | steps {self.start}->{tc.steps} at batch "
-                f"{tc.batch_size}, {self.config.data.resolution} px"
+                f" | {self.device} x {world.size} ({self.strategy}) | steps {self.start}->{tc.steps}: "
+                + ", then ".join(f"{s.resolution} px at batch {s.batch_size} to step {s.until_step}"
+                                 for s in self.config.stage_plan())
             )
         logger = RunLogger(self.run_dir, tc.steps, self.start) if world.is_main else None
         last_grid = None
