@@ -15,7 +15,8 @@ FAULT_OVERRIDES = [*TINY_OVERRIDES, "train.precision=fp32", "sample.steps=2"]
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # restarted workers must not read the previous round's addresses from a shared store (pytorch#135712)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def free_port() -> int:
@@ -31,8 +32,9 @@ def pixrun_command(run_dir: Path, *overrides: str, resume: bool = False) -> list
 
 def torchrun_command(processes: int, run_dir: Path, *overrides: str, resume: bool = False,
                      max_restarts: int = 0) -> list[str]:
+    # c10d rendezvous, as for elastic jobs: each restart round gets a fresh rendezvous
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-                f"--max-restarts={max_restarts}", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+                f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
     train = pixrun_command(run_dir, *overrides, resume=resume)[1:]  # drop the python executable
     return launcher + train
 

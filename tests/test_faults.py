@@ -3,6 +3,7 @@ checkpoint, and non-finite losses."""
 
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -67,6 +68,7 @@ def test_a_rank_killed_under_torchrun_comes_back_and_continues(uninterrupted, tm
     output, _ = launcher.communicate(timeout=240)
     assert launcher.returncode == 0, output[-3000:]
     assert list_checkpoints(run_dir)[-1].name == "step_0000016"
+    assert "steps 0->16" in output and re.search(r"steps [1-9][0-9]*->16", output)  # restarted from a checkpoint
     assert_same_state(list_checkpoints(uninterrupted)[-1], list_checkpoints(run_dir)[-1])
 
 
