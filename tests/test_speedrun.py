@@ -36,7 +36,7 @@ def test_the_cpu_twin_runs_every_part_and_resumes_across_its_stages(tmp_path):
     straight = load_config(CONFIGS / "prx-speedrun-cpu.yaml", [f"run_dir={tmp_path / 'straight'}",
                                                               "train.keep_checkpoints=5", "train.precision=fp32"])
     train(straight)
-    records = {r["step"]: r for r in map(json.loads, open(tmp_path / "straight" / "metrics.jsonl"))}
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines())}
     assert {"flow_loss", "lpips", "pdino", "repa"} <= set(records[6])  # stage 1: every loss
     assert {"lpips", "pdino"} <= set(records[7]) and "repa" not in records[7]  # stage 2: REPA off
     assert all(r["loss"] == r["loss"] for r in records.values())

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,14 +33,14 @@ def resume_from(run_dir, step, tmp_path, name):
 
 
 def test_stages_change_resolution_and_batch_and_resume_across_the_boundary(tiny_config, tmp_path):
-    common = dict(train__steps=8, stages=STAGES, train__checkpoint_every=2, train__keep_checkpoints=10,
-                  train__sample_every=100)
+    common = {"train__steps": 8, "stages": STAGES, "train__checkpoint_every": 2, "train__keep_checkpoints": 10,
+              "train__sample_every": 100}
     straight = tiny_config("straight", **common)
     source = build_source(straight, World())
     assert [tuple(source.batch(step, *straight.stage_at(step)).images.shape) for step in (3, 4)] == [
         (8, 3, 16, 16), (4, 3, 32, 32)]
     train(straight)
-    records = [json.loads(line) for line in open(straight.run_dir + "/metrics.jsonl")]
+    records = [json.loads(line) for line in Path(straight.run_dir, "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
     resumed = resume_from(straight.run_dir, 2, tmp_path, "resumed")
     train(tiny_config("resumed", **common), resume="auto")
@@ -51,7 +52,7 @@ def test_stages_change_resolution_and_batch_and_resume_across_the_boundary(tiny_
 
 
 def tiny_t5(path):
-    words = "a photo of red green blue circle square".split()
+    words = ["a", "photo", "of", "red", "green", "blue", "circle", "square"]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
     tokenizer = transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
     config = transformers.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, num_heads=2, num_layers=1, d_ff=32)
@@ -80,9 +81,9 @@ def test_training_on_prepared_shards_resumes_without_repeating_or_skipping(tiny_
     embed = _caption_embedder(encoder, 32) if embeddings else None
     report = prepare_dataset(image_folder(tmp_path / "images", 40), tmp_path / "prepared", options, embed)
     assert report.kept == 40
-    common = dict(data__source="shards", data__shards=str(tmp_path / "prepared"), data__num_workers=0,
-                  text__encoder=encoder, text__dtype="float32", train__steps=6, train__batch_size=4,
-                  train__checkpoint_every=2, train__keep_checkpoints=10, train__sample_every=100)
+    common = {"data__source": "shards", "data__shards": str(tmp_path / "prepared"), "data__num_workers": 0,
+              "text__encoder": encoder, "text__dtype": "float32", "train__steps": 6, "train__batch_size": 4,
+              "train__checkpoint_every": 2, "train__keep_checkpoints": 10, "train__sample_every": 100}
     straight = tiny_config("straight", **common)
     train(straight)
     assert load_state(list_checkpoints(straight.run_dir)[-1])["data"]["stream"]  # the stream's position is saved

@@ -14,11 +14,11 @@ a damaged latest checkpoint is reported and the one before it used.
 """
 
 import json
-import warnings
-from contextlib import contextmanager
 import os
 import shutil
 import struct
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,7 +94,7 @@ def load_optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
     for shard in sorted((Path(path) / "optimizer").glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             offsets = json.loads((f.metadata() or {}).get("DCP_SHARDING_INFO", "{}"))
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safetensors file is not iterable
                 parts.setdefault(key, []).append((offsets.get(key, {}).get("saved_offsets", []), f.get_tensor(key)))
     tensors = {}
     for key, pieces in parts.items():

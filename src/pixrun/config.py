@@ -181,7 +181,7 @@ class Config:
                 raise ConfigError(f"{where}.batch_size must be positive")
             unknown = set(stage.losses or []) - set(AUXILIARY_LOSSES)
             if unknown:
-                raise ConfigError(f"{where}.losses: {sorted(unknown)[0]!r} is not one of {', '.join(AUXILIARY_LOSSES)}")
+                raise ConfigError(f"{where}.losses: {min(unknown)!r} is not one of {', '.join(AUXILIARY_LOSSES)}")
             previous = stage.until_step
         if previous != self.train.steps:
             raise ConfigError(f"the last stage ends at step {previous}, but train.steps is {self.train.steps}")

@@ -74,8 +74,8 @@ class World:
 
 def init_world(config: ParallelConfig, device_name: str) -> tuple[World, torch.device]:
     """Join the process group `torchrun` set up in the environment, and pick this process's device."""
-    world = World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                  int(os.environ.get("LOCAL_RANK", 0)))
+    world = World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                  int(os.environ.get("LOCAL_RANK", "0")))
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)

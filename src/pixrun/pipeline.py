@@ -1,6 +1,6 @@
 """A run as a text-to-image pipeline: the pieces built from a config, and a trained run loaded back."""
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +52,14 @@ def compute_context(device: torch.device, precision: str):
     with ExitStack() as stack:
         if uses_bf16(device, precision):
             stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-        if device.type == "cpu":
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(attention_context(device))
         yield
+
+
+def attention_context(device: torch.device):
+    """The attention kernel choice, also for backward: blocks recomputed there (activation checkpointing) must
+    run the kernel their forward ran."""
+    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
 
 
 @dataclass

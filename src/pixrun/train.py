@@ -23,7 +23,16 @@ from pixrun.losses.auxiliary import AuxiliaryLosses
 from pixrun.model import Denoiser, RoutePlan, count_parameters
 from pixrun.optim import EMA, build_optimizer, lr_at, set_lr
 from pixrun.parallel import World, close_world, init_world, parallelize
-from pixrun.pipeline import Pipeline, build_pipeline, build_world, compute_context, load_run_config, to_uint8, uses_bf16
+from pixrun.pipeline import (
+    Pipeline,
+    attention_context,
+    build_pipeline,
+    build_world,
+    compute_context,
+    load_run_config,
+    to_uint8,
+    uses_bf16,
+)
 from pixrun.text import TextTower
 from pixrun.text_cache import TextCache
 
@@ -97,20 +106,38 @@ class Trainer:
         self.bf16 = uses_bf16(self.device, tc.precision)
         text = pipeline.text_tower
         self.aux = AuxiliaryLosses(config, config.model.width, self.device)
-        owners = {"denoiser": pipeline.denoiser, **({"text_encoder": text.encoder} if text.trainable else {}),
-                  **self.aux.trainable()}
+        owners = {
+            "denoiser": pipeline.denoiser,
+            **({"text_encoder": text.encoder} if text.trainable else {}),
+            **self.aux.trainable(),
+        }
         try:
-            self.strategy = parallelize(pipeline.denoiser, [m for n, m in owners.items() if n != "denoiser"],
-                                        config.parallel, self.world, self.device, self.bf16)
+            self.strategy = parallelize(
+                pipeline.denoiser,
+                [m for n, m in owners.items() if n != "denoiser"],
+                config.parallel,
+                self.world,
+                self.device,
+                self.bf16,
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.aux.capture(pipeline.denoiser)
         self.pipeline = pipeline
-        self.params = {f"{owner}.{name}": p for owner, module in owners.items() for name, p in module.named_parameters()}
+        self.params = {
+            f"{owner}.{name}": p for owner, module in owners.items() for name, p in module.named_parameters()
+        }
         self.optimizer = build_optimizer(self.params, config.optim)
         self.ema = EMA(self.params, config.ema)
-        self.checkpointer = Checkpointer(self.run_dir, self.params, owners, self.optimizer, self.world.is_main,
-                                         self.world.barrier, tc.keep_checkpoints)
+        self.checkpointer = Checkpointer(
+            self.run_dir,
+            self.params,
+            owners,
+            self.optimizer,
+            self.world.is_main,
+            self.world.barrier,
+            tc.keep_checkpoints,
+        )
         self.start = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
@@ -161,7 +188,8 @@ class Trainer:
         flow_loss = flow.loss(pred.float(), x0, eps, x_t, t)
         loss = flow_loss + sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with attention_context(self.device):
+            loss.backward()
         grad_norm = whole_tensor(torch.nn.utils.clip_grad_norm_(self.params.values(), config.optim.grad_clip))
         if torch.isfinite(grad_norm):  # gradients are already reduced, so every rank decides the same way
             self.optimizer.step()
@@ -172,10 +200,17 @@ class Trainer:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
             if self.nonfinite_in_row >= tc.max_nonfinite_in_row:
-                raise TrainingError(f"the loss was non-finite {self.nonfinite_in_row} steps in a row (last: step "
-                                    f"{step + 1}); lower optim.lr or raise optim.warmup_steps, then --resume")
-        return {"loss": loss.detach(), "flow_loss": flow_loss.detach(), **{k: v.detach() for k, v in terms.items()},
-                "grad_norm": grad_norm, "lr": torch.tensor(lr_at(step, config.optim))}
+                raise TrainingError(
+                    f"the loss was non-finite {self.nonfinite_in_row} steps in a row (last: step "
+                    f"{step + 1}); lower optim.lr or raise optim.warmup_steps, then --resume"
+                )
+        return {
+            "loss": loss.detach(),
+            "flow_loss": flow_loss.detach(),
+            **{k: v.detach() for k, v in terms.items()},
+            "grad_norm": grad_norm,
+            "lr": torch.tensor(lr_at(step, config.optim)),
+        }
 
     def text_states(self, batch: LocalBatch, dropped: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoded captions; a dropped caption becomes the encoded empty prompt. Embeddings precomputed by
@@ -183,7 +218,9 @@ class Trainer:
         if batch.embeddings is None or self.pipeline.text_tower.trainable:
             return self.encode_text(["" if drop else caption for caption, drop in zip(batch.captions, dropped)])
         empty, _ = self.encode_text([""])
-        states = [empty[0, :1] if drop else e.to(self.device, empty.dtype) for e, drop in zip(batch.embeddings, dropped)]
+        states = [
+            empty[0, :1] if drop else e.to(self.device, empty.dtype) for e, drop in zip(batch.embeddings, dropped)
+        ]
         length = max(len(s) for s in states)
         txt = torch.zeros(len(states), length, empty.shape[-1], device=self.device, dtype=empty.dtype)
         mask = torch.zeros(len(states), length, device=self.device, dtype=torch.bool)
@@ -199,8 +236,10 @@ class Trainer:
                 f"pixrun: {self.run_dir} | denoiser {count_parameters(denoiser) / 1e6:.2f} M params, text tower "
                 f"{count_parameters(text_tower.encoder) / 1e6:.2f} M ({'trained' if text_tower.trainable else 'frozen'})"
                 f" | {self.device} x {world.size} ({self.strategy}) | steps {self.start}->{tc.steps}: "
-                + ", then ".join(f"{s.resolution} px at batch {s.batch_size} to step {s.until_step}"
-                                 for s in self.config.stage_plan())
+                + ", then ".join(
+                    f"{s.resolution} px at batch {s.batch_size} to step {s.until_step}"
+                    for s in self.config.stage_plan()
+                )
             )
         logger = RunLogger(self.run_dir, tc.steps, self.start) if world.is_main else None
         last_grid = None
@@ -227,8 +266,10 @@ class Trainer:
                     self.save(done)
                 if stop:
                     if world.is_main:
-                        print(f"\npixrun: stopped by a signal after step {done}; checkpoint saved. "
-                              f"Continue with: pixrun train ... --resume auto")
+                        print(
+                            f"\npixrun: stopped by a signal after step {done}; checkpoint saved. "
+                            f"Continue with: pixrun train ... --resume auto"
+                        )
                     break
         finally:
             for sig, handler in previous.items():
@@ -271,17 +312,27 @@ class Trainer:
         if self.metric_networks is None:
             self.metric_networks = load_networks(config, self.device)
         scores = shapes_quality_metrics(pipeline, config, self.metric_networks)
-        held_out = shapes_reference(build_world(self.config), self.config.data.resolution, config.num_images, config.seed)
+        held_out = shapes_reference(
+            build_world(self.config), self.config.data.resolution, config.num_images, config.seed
+        )
         scores.update(mse_by_t(pipeline, held_out.load(), held_out.captions, seed=config.seed))
         logger.record("quality", scores, step)
 
     def save(self, step: int) -> Path:
         if isinstance(self.encode_text, TextCache):
             self.encode_text.flush()
-        return self.checkpointer.save(step, self.ema.shadow, {
-            "ema_updates": self.ema.updates, "data": self.source.state_dict(), "nonfinite_steps": self.nonfinite_total, "world_size": self.world.size,
-            "config": dataclasses.asdict(self.config), "saved_at": time.time(),
-        })
+        return self.checkpointer.save(
+            step,
+            self.ema.shadow,
+            {
+                "ema_updates": self.ema.updates,
+                "data": self.source.state_dict(),
+                "nonfinite_steps": self.nonfinite_total,
+                "world_size": self.world.size,
+                "config": dataclasses.asdict(self.config),
+                "saved_at": time.time(),
+            },
+        )
 
     def close(self) -> None:
         close_world(self.world)
@@ -296,8 +347,9 @@ def build_source(config: Config, world: World) -> ShapesSource | ShardSource:
     if config.data.source == "shapes":
         return ShapesSource(build_world(config), config.train.seed, world.rank, world.size)
     d = config.data
-    return ShardSource(d.shards, config.train.seed, world.rank, world.size, d.num_workers, d.shuffle_shards,
-                       d.shard_url)
+    return ShardSource(
+        d.shards, config.train.seed, world.rank, world.size, d.num_workers, d.shuffle_shards, d.shard_url
+    )
 
 
 def train(config: Config, resume: str | None = None) -> Path:
