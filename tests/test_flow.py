@@ -75,3 +75,15 @@ def test_invalid_settings_are_rejected():
         Flow(FlowConfig(prediction="score"))
     with pytest.raises(ValueError, match="uniform_fraction"):
         Flow(FlowConfig(uniform_fraction=1.5))
+
+
+def test_noise_scale_grows_with_resolution_when_based_on_one():
+    flow = Flow(FlowConfig(noise_scale=1.0, noise_scale_base=256))
+    assert flow.noise_scale(torch.zeros(1, 3, 256, 256)) == 1.0
+    assert flow.noise_scale(torch.zeros(1, 3, 512, 512)) == 2.0
+    assert flow.noise_scale(torch.zeros(1, 3, 256, 1024)) == 2.0  # by the pixel count, for non-square buckets
+    x0, eps, t = torch.rand(2, 3, 512, 512), torch.randn(2, 3, 512, 512), torch.tensor([0.3, 0.8])
+    x_t = flow.add_noise(x0, eps, t)
+    assert torch.allclose(x_t, (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * 2.0 * eps)
+    assert flow.loss(flow.target(x0, eps), x0, eps, x_t, t) == 0
+    assert Flow(FlowConfig(noise_scale=2.0)).noise_scale(torch.zeros(1, 3, 512, 512)) == 2.0

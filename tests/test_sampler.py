@@ -41,3 +41,25 @@ def test_guidance_on_x0_and_its_interval():
     assert model.calls == [2, 1]
     plain = guided_x0_fn(model, flow, cond, uncond, cfg_scale=1.0, cfg_interval=[0.0, 1.0])
     assert torch.allclose(plain(x, torch.tensor([0.5])), torch.full_like(x, 3.0))
+
+
+def test_tread_self_guidance_extrapolates_from_the_routed_model():
+    from pixrun.model import Denoiser, ModelConfig, TokenRouting
+    from pixrun.sampler import self_guided
+
+    torch.manual_seed(0)
+    model = Denoiser(ModelConfig(width=32, depth=4, heads=2, axes_dim=[8, 8], patch_size=4, bottleneck=8,
+                                 context_dim=8))
+    for p in model.parameters():  # the zero-initialised output layers would hide every difference
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 0.7])
+    txt, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    routing = TokenRouting(enabled=True, fraction=0.5, start=1, end=-1)
+    dense = model(x, t, txt, mask)
+    assert torch.allclose(self_guided(model, routing, 1.0, seed=0)(x, t, txt, mask), dense, atol=1e-6)
+    plan = model.plan_routing(routing, 2, 16, torch.Generator().manual_seed(0))
+    routed = model(x, t, txt, mask, routing=plan)
+    assert not torch.allclose(routed, dense, atol=1e-3)
+    guided = self_guided(model, routing, 2.5, seed=0)(x, t, txt, mask)
+    assert torch.allclose(guided, routed + 2.5 * (dense - routed), atol=1e-5)
+    assert torch.equal(guided, self_guided(model, routing, 2.5, seed=0)(x, t, txt, mask))  # the same tokens each call

@@ -1,7 +1,9 @@
 """Multi-resolution stages and training from prepared shards, each resumed mid-run to the same weights."""
 
 import json
+import math
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ from pixrun.data.prepare import PrepareOptions, prepare_dataset
 from pixrun.parallel import World
 from pixrun.train import build_source, train
 from tests.test_faults import assert_identical
+from tests.test_prepare import OPTIONS as BAD_DATA_OPTIONS
+from tests.test_prepare import make_bad_data_folder
 
 STAGES = "[{until_step: 4, resolution: 16, batch_size: 8}, {until_step: 8, resolution: 32, batch_size: 4}]"
 
@@ -92,3 +96,23 @@ def test_training_on_prepared_shards_resumes_without_repeating_or_skipping(tiny_
     assert_identical(list_checkpoints(straight.run_dir)[-1], list_checkpoints(resumed)[-1])
     with pytest.raises(ConfigError, match="pretrained"):
         tiny_config(**{k: v for k, v in common.items() if k != "text__encoder"})
+
+
+def test_prepare_and_train_complete_on_the_bad_data_corpus(tiny_config, tmp_path):
+    good, bad = make_bad_data_folder(tmp_path / "src")
+    report = prepare_dataset(tmp_path / "src", tmp_path / "prepared", BAD_DATA_OPTIONS)
+    assert {item["item"]: item["reason"] for item in report.bad_items} == bad and report.kept == len(good)
+    # and one image goes bad inside a shard after preparing: the loader skips it, counts it, training goes on
+    shard = next((tmp_path / "prepared" / "shards" / "64x64").glob("*.tar"))
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data : member.offset_data + member.size] = b"\0" * member.size
+    shard.write_bytes(bytes(data))
+    config = tiny_config(data__source="shards", data__shards=str(tmp_path / "prepared"), data__num_workers=0,
+                         data__resolution=64, text__encoder=str(tiny_t5(tmp_path / "t5")), text__dtype="float32",
+                         train__steps=6, train__batch_size=2, train__sample_every=100)
+    train(config)
+    records = [json.loads(line) for line in Path(config.run_dir, "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and records[-1]["data_skipped"] >= 1  # once per epoch it comes round
+    assert all(math.isfinite(r["loss"]) for r in records)

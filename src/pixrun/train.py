@@ -255,6 +255,7 @@ class Trainer:
                 if log:
                     values = {name: world.mean(value).item() for name, value in metrics.items()}
                     values["nonfinite_steps"] = self.nonfinite_total
+                    values["data_skipped"] = self.source.skipped
                 if logger is not None:
                     logger.step(step, values, self.config.stage_at(step)[0].batch_size)
                 if done % tc.sample_every == 0 or done == tc.steps:

@@ -32,6 +32,8 @@ class ShapesSource:
         mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         return LocalBatch(images[mine], captions[mine])
 
+    skipped = 0  # rendered samples are never bad
+
     def state_dict(self) -> dict:
         return {}
 
@@ -69,6 +71,11 @@ class ShardSource:
         self.pending = None
         self.stage_start = stage_start
         self.batches = iter(self.stream)
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples left out so far in this stage (by this rank)."""
+        return sum(self.stream.skipped.values()) if self.stream is not None else 0
 
     def state_dict(self) -> dict:
         if self.stream is None:
