@@ -3,6 +3,7 @@ import json
 import pytest
 
 from pixrun.bench import compare_diffusers, config_flops, datasheet_peak_tflops, format_report, main, run_bench
+from pixrun.config import load_config
 from pixrun.flops import training_flops
 from pixrun.losses.lpips import LPIPSConfig
 from pixrun.losses.pdino import PDinoConfig
@@ -82,3 +83,15 @@ def test_command_line_prints_one_json_object_and_rejects_bad_input(tiny_config, 
     assert main([*overrides, "--steps", "0"]) == 2
     assert main(["model.nonsense=1"]) == 2
     assert "pixrun: error:" in capsys.readouterr().err
+
+
+def test_a_staged_config_is_timed_and_counted_one_stage_at_a_time():
+    from pathlib import Path
+
+    from pixrun.bench import one_stage
+
+    config = load_config(Path(__file__).parent.parent / "configs" / "prx-speedrun.yaml")
+    first, second = one_stage(config, 0), one_stage(config, 1)
+    assert (first.data.resolution, first.train.batch_size, first.repa.weight) == (512, 1024, 0.5)
+    assert (second.data.resolution, second.train.batch_size, second.repa.weight) == (1024, 512, 0.0)
+    assert second.lpips.weight == 0.1 and second.data.shards == "data/prepared-1024" and not second.stages

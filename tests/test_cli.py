@@ -123,3 +123,20 @@ def test_quality_metrics_geneval_folder_and_diffusers_export_from_the_command_li
     assert code == 0 and (tmp_path / "hf" / "model_index.json").is_file()
     code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "hf"))
     assert code == 2 and err.startswith("pixrun: error:")
+
+
+def test_data_prepare_from_the_command_line(capsys, tmp_path):
+    from tests.test_prepare import jpeg
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.jpg").write_bytes(jpeg(i))
+        (src / f"{i}.txt").write_text(f"picture {i}")
+    (src / "broken.jpg").write_bytes(b"")
+    (src / "broken.txt").write_text("nothing")
+    code, stdout, _ = run_cli(capsys, "data", "prepare", str(src), str(tmp_path / "out"), "resolution=64",
+                              "patch_size=16", "min_side=32", "processes=1")
+    assert code == 0 and "kept 3 of 4" in stdout and "empty file" in stdout
+    code, _, err = run_cli(capsys, "data", "prepare", str(src), str(tmp_path / "out2"), "quality=90")
+    assert code == 2 and "unknown config key 'prepare.quality'" in err

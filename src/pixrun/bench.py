@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pixrun.config import Config, ConfigError, load_config
-from pixrun.flops import FlopCount, t5_shape, training_flops
+from pixrun.flops import DINOV2_BASE_REGISTERS, FlopCount, ViTShape, t5_shape, training_flops
 from pixrun.model import Denoiser, ModelConfig, count_parameters
 from pixrun.pipeline import compute_context, resolve_device, uses_bf16
 
@@ -98,22 +98,27 @@ def config_flops(
     config: Config, text_tokens: int, text_encoder=None, text_encoder_trained: bool = True, step: int = 0
 ) -> FlopCount:
     """FLOPs per image of training step `step` of `config`: the denoiser with its TREAD routing, and each loss the
-    config switches on. `text_encoder` is a transformers config, counted when it is a T5. The recipe's sections
-    (lpips, pdino, repa, tread) are optional: a config without them counts the denoiser and text tower."""
-    lpips, pdino, repa = (getattr(config, name, None) for name in ("lpips", "pdino", "repa"))
+    config switches on. `text_encoder` is a transformers config, counted when it is a T5."""
+    lpips, pdino, repa = config.lpips, config.pdino, config.repa
     resolution = config.data.resolution
     return training_flops(
         config.model,
         resolution,
         text_tokens,
-        routing=getattr(config, "tread", None),
+        routing=config.tread,
         text_encoder=t5_shape(text_encoder) if text_encoder is not None else None,
         text_encoder_trained=text_encoder_trained,
-        lpips_size=int(resolution * lpips.downsample) if lpips is not None and lpips.weight > 0 else None,
-        pdino_size=pdino.size if pdino is not None and pdino.weight > 0 else None,
-        repa_block=repa.block if repa is not None and repa.active(step) else None,
-        repa_hidden=repa.hidden if repa is not None else 2048,
+        lpips_size=int(resolution * lpips.downsample) if lpips.weight > 0 else None,
+        pdino_size=pdino.size if pdino.weight > 0 else None,
+        pdino_vit=RANDOM_INIT_DINO if pdino.random_init else DINOV2_BASE_REGISTERS,
+        repa_block=repa.block if repa.active(step) else None,
+        repa_hidden=repa.hidden,
+        repa_teacher=RANDOM_INIT_DINO if repa.random_init else DINOV2_BASE_REGISTERS,
     )
+
+
+# the tiny ViT that `random_init` DINO losses use (pixrun.losses.dino), so a CPU demo's count is its own
+RANDOM_INIT_DINO = ViTShape(width=64, depth=2, mlp_dim=256, patch=14, registers=4)
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
@@ -136,11 +141,35 @@ def data_time_and_text_tokens(trainer, steps: range) -> tuple[float, float]:
     return seconds / len(steps), sum(lengths) / len(lengths)
 
 
-def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | None = None, label: str = "") -> dict:
-    """Time `steps` training steps after `warmup` ones; one flat dict of figures (FLOPs are per image)."""
+def one_stage(config: Config, index: int) -> Config:
+    """A staged config reduced to its stage `index` (resolution, batch, losses, TREAD, data), so that the timed
+    steps and the FLOP count are of that stage."""
+    config = copy.deepcopy(config)
+    if not config.stages:
+        return config
+    if not 0 <= index < len(config.stages):
+        raise ConfigError(f"--stage {index}: the config has stages 0 to {len(config.stages) - 1}")
+    stage = config.stages[index]
+    config.data.resolution, config.train.batch_size = stage.resolution, stage.batch_size
+    config.data.shards = stage.shards or config.data.shards
+    if stage.tread is not None:
+        config.tread.enabled = stage.tread
+    for name in ("lpips", "pdino", "repa"):
+        if stage.losses is not None and name not in stage.losses:
+            getattr(config, name).weight = 0.0
+    config.repa.until_step = None
+    config.stages = []
+    config.train.steps = max(config.train.steps, 1)
+    return config
+
+
+def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | None = None, label: str = "",
+              stage: int = 0) -> dict:
+    """Time `steps` training steps after `warmup` ones (of stage `stage` of a staged config); one flat dict of
+    figures (FLOPs are per image)."""
     from pixrun.train import Trainer
 
-    config = copy.deepcopy(config)
+    config = one_stage(config, stage)
     if device is not None:
         config.train.device = device
     with tempfile.TemporaryDirectory() as run_dir:
@@ -321,6 +350,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup ones)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--stage", type=int, default=0, help="which stage of a staged config to time")
     parser.add_argument("--compare-diffusers", action="store_true",
                         help="time the denoiser's forward+backward against diffusers' PRXTransformer2DModel instead")
 
@@ -337,7 +367,7 @@ def command(args: argparse.Namespace) -> int:
     if args.compare_diffusers:
         result = compare_diffusers(config, steps=args.steps, warmup=args.warmup, label=label)
     else:
-        result = run_bench(config, steps=args.steps, warmup=args.warmup, label=label)
+        result = run_bench(config, steps=args.steps, warmup=args.warmup, label=label, stage=args.stage)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 
