@@ -32,10 +32,11 @@ def one_process(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_two_processes_train_the_same_model_as_one(strategy, one_process, tmp_path):
+@pytest.mark.parametrize("strategy,extra", [("fsdp", []), ("ddp", []), ("fsdp", ["parallel.replicate_degree=2"])],
+                         ids=["fsdp", "ddp", "hsdp"])
+def test_two_processes_train_the_same_model_as_one(strategy, extra, one_process, tmp_path):
     run_dir = tmp_path / strategy
-    done = run(torchrun_command(2, run_dir, *STEPS, f"parallel.strategy={strategy}"))
+    done = run(torchrun_command(2, run_dir, *STEPS, f"parallel.strategy={strategy}", *extra))
     assert f"x 2 ({strategy})" in done.stdout
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000010", "step_0000020"]
     assert_same_state(list_checkpoints(one_process)[-1], list_checkpoints(run_dir)[-1])
