@@ -4,6 +4,7 @@ checkpoint, and non-finite losses."""
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -137,3 +138,14 @@ def worker_pids(launcher: int, timeout: float = 30) -> list[int]:
             return sorted(workers)
         time.sleep(0.1)
     return []
+
+
+def test_sampling_needs_only_the_weights_of_a_checkpoint(tiny_config):
+    from pixrun.checkpoint import latest_good_checkpoint
+    from pixrun.pipeline import load_run
+
+    config = tiny_config(train__steps=2, train__checkpoint_every=2, train__sample_every=100)
+    Trainer(config).run()
+    shutil.rmtree(list_checkpoints(config.run_dir)[-1] / "optimizer")  # e.g. weights copied without the state
+    assert load_run(config.run_dir).generate(["a photo of a circle"]).shape == (1, 3, 32, 32)
+    assert latest_good_checkpoint(config.run_dir, warn=lambda message: None) is None  # but training cannot resume

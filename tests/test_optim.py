@@ -36,9 +36,9 @@ def snapshot(params) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in params.items()}
 
 
-def test_default_is_torch_adamw_with_decay_on_matrices_only():
+def test_adamw_is_torch_adamw_with_decay_on_matrices_only():
     params = tiny_params()
-    optimizer = build_optimizer(params, OptimConfig(weight_decay=0.1))
+    optimizer = build_optimizer(params, OptimConfig(name="adamw", weight_decay=0.1))
     assert type(optimizer) is torch.optim.AdamW
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
@@ -113,8 +113,8 @@ def test_set_lr_warms_up_each_group_to_its_own_rate():
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-2, 5e-4, 5e-4])
     set_lr(optimizer, 100, config)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-2, 1e-3, 1e-3])
-    adamw = build_optimizer(tiny_params(), OptimConfig(lr=1e-3, warmup_steps=10))
-    set_lr(adamw, 4, OptimConfig(lr=1e-3, warmup_steps=10))
+    adamw = build_optimizer(tiny_params(), OptimConfig(name="adamw", lr=1e-3, warmup_steps=10))
+    set_lr(adamw, 4, OptimConfig(name="adamw", lr=1e-3, warmup_steps=10))
     assert [g["lr"] for g in adamw.param_groups] == pytest.approx([5e-4, 5e-4])
 
 

@@ -51,8 +51,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def damage(path: Path) -> str | None:
-    """Why a checkpoint folder cannot be loaded, or None when it looks whole."""
+def damage(path: Path, optimizer: bool = True) -> str | None:
+    """Why a checkpoint folder cannot be loaded (to resume training, or with optimizer=False only its weights),
+    or None when it looks whole."""
     for name in FILES:
         if not (path / name).is_file():
             return f"{name} is missing"
@@ -60,8 +61,8 @@ def damage(path: Path) -> str | None:
         json.loads((path / "state.json").read_text())
     except (ValueError, UnicodeDecodeError):
         return "state.json is not valid JSON"
-    shards = sorted((path / "optimizer").glob("*.safetensors"))
-    if not shards:
+    shards = sorted((path / "optimizer").glob("*.safetensors")) if optimizer else []
+    if optimizer and not shards:
         return "optimizer/ holds no state"
     for file in [path / "weights.safetensors", path / "ema.safetensors", *shards]:
         problem = _safetensors_damage(file)
@@ -70,9 +71,9 @@ def damage(path: Path) -> str | None:
     return None
 
 
-def latest_good_checkpoint(run_dir: Path, warn=print) -> Path | None:
+def latest_good_checkpoint(run_dir: Path, warn=print, optimizer: bool = True) -> Path | None:
     for path in reversed(list_checkpoints(run_dir)):
-        problem = damage(path)
+        problem = damage(path, optimizer)
         if problem is None:
             return path
         warn(f"pixrun: skipping damaged checkpoint {path.name}: {problem}")

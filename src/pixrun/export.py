@@ -127,7 +127,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, weights: str = "ema") -
         noise_scale=run.flow.noise_scale(torch.empty(config.data.resolution, config.data.resolution)),
     )
     pipe.save_pretrained(out_dir)
-    checkpoint = latest_good_checkpoint(run_dir)
+    checkpoint = latest_good_checkpoint(run_dir, optimizer=False)
     provenance = {
         "run": str(run_dir.resolve()),
         "checkpoint": checkpoint.name,

@@ -18,13 +18,13 @@ BLOCK_MATRIX = re.compile(r"(^|\.)blocks\.\d+\.")  # denoiser.blocks.N.*, not th
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | muon (Muon for the 2-D weights inside the denoiser's blocks, AdamW for the rest)
+    name: str = "muon"  # muon | adamw (Muon for the 2-D weights inside the denoiser's blocks, AdamW for the rest)
     lr: float = 5e-4  # AdamW's
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    muon_lr: float = 1e-4
+    muon_lr: float = 1e-3  # the CPU default's; the recipe (configs/prx-speedrun.yaml) uses 1e-4
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton-Schulz iterations

@@ -120,7 +120,7 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.devi
     """A trained run, from its config.yaml and latest checkpoint; `weights` is ema or weights (the raw ones)."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    checkpoint = latest_good_checkpoint(run_dir)
+    checkpoint = latest_good_checkpoint(run_dir, optimizer=False)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
     text_tower = TextTower.load(config.text, run_dir)
