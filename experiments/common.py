@@ -26,6 +26,7 @@ EVAL_CACHE = RESULTS / "evals.json"
 
 # One thread per job: the machine has two cores, shared by at most two jobs.
 COMMON_OVERRIDES = [
+    "optim.name=adamw",  # the studies ran on the default of their day, AdamW 5e-4 (Muon became the default later)
     "train.threads=1",
     "train.checkpoint_every=250",
     "train.keep_checkpoints=100",
