@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,10 +40,25 @@ def torchrun_command(processes: int, run_dir: Path, *overrides: str, resume: boo
     return launcher + train
 
 
+def start(command: list[str], **kwargs) -> subprocess.Popen:
+    """In its own process group, so that `stop` also ends the workers a launcher started."""
+    return subprocess.Popen(command, env=env(), start_new_session=True, **kwargs)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def run(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout, check=False)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-3000:]}"
-    return done
+    process = start(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        stop(process)
+    assert process.returncode == 0, f"{' '.join(command)} failed:\n{stderr[-3000:]}"
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def metric_records(run_dir: Path) -> list[dict]:

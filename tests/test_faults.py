@@ -14,7 +14,7 @@ import torch
 
 from pixrun.checkpoint import list_checkpoints, load_optimizer_tensors, load_tensors
 from pixrun.train import Trainer, TrainingError
-from tests.helpers import env, last_record_per_step, pixrun_command, run, torchrun_command, wait_for_step
+from tests.helpers import last_record_per_step, pixrun_command, run, start, stop, torchrun_command, wait_for_step
 from tests.test_distributed import assert_same_state
 
 STEPS = ["train.steps=16", "train.checkpoint_every=2", "train.sample_every=100", "train.keep_checkpoints=2"]
@@ -41,13 +41,16 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_weights(uni
     rng = random.Random(7)
     kills = 0
     for target in sorted(rng.sample(range(2, 15), 3)):
-        process = subprocess.Popen(pixrun_command(run_dir, *STEPS, resume=True), env=env(),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_step(run_dir, target, process)
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            kills += 1
-        process.wait()
+        process = start(pixrun_command(run_dir, *STEPS, resume=True), stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        try:
+            wait_for_step(run_dir, target, process)
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                kills += 1
+            process.wait()
+        finally:
+            stop(process)
     assert kills >= 2
     run(pixrun_command(run_dir, *STEPS, resume=True))
     assert_identical(list_checkpoints(uninterrupted)[-1], list_checkpoints(run_dir)[-1])
@@ -61,12 +64,15 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_weights(uni
 def test_a_rank_killed_under_torchrun_comes_back_and_continues(uninterrupted, tmp_path):
     run_dir = tmp_path / "elastic"
     command = torchrun_command(2, run_dir, *STEPS, "parallel.strategy=fsdp", resume=True, max_restarts=1)
-    launcher = subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_step(run_dir, 5, launcher)
-    workers = worker_pids(launcher.pid)
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGKILL)
-    output, _ = launcher.communicate(timeout=240)
+    launcher = start(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(run_dir, 5, launcher)
+        workers = worker_pids(launcher.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=240)
+    finally:
+        stop(launcher)
     assert launcher.returncode == 0, output[-3000:]
     assert list_checkpoints(run_dir)[-1].name == "step_0000016"
     assert "steps 0->16" in output and re.search(r"steps [1-9][0-9]*->16", output)  # restarted from a checkpoint
@@ -77,11 +83,14 @@ def test_a_rank_killed_under_torchrun_comes_back_and_continues(uninterrupted, tm
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
     run_dir = tmp_path / "preempted"
     overrides = [*STEPS[:1], "train.checkpoint_every=1000", "train.sample_every=1000"]
-    process = subprocess.Popen(pixrun_command(run_dir, *overrides, resume=True), env=env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    wait_for_step(run_dir, 3, process)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    process = start(pixrun_command(run_dir, *overrides, resume=True), stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True)
+    try:
+        wait_for_step(run_dir, 3, process)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        stop(process)
     assert process.returncode == 0
     saved = list_checkpoints(run_dir)
     assert len(saved) == 1 and 3 <= int(saved[0].name.split("_")[1]) < 16
