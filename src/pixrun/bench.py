@@ -83,6 +83,19 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def environment(label: str, device: torch.device, bf16: bool) -> dict:
+    """What every result records about where and how it was measured."""
+    return {
+        "label": label,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "precision": "bf16 autocast" if bf16 else "fp32",
+    }
+
+
 def peak_tflops(device: torch.device, bf16: bool) -> tuple[float, str]:
     """The peak MFU is measured against, and where it comes from."""
     if bf16 and device.type == "cuda":
@@ -201,13 +214,7 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | No
     images_per_s = tc.batch_size / step_s  # the global batch: with several processes, all of them together
     achieved = flops.total * images_per_s / 1e12
     return {
-        "label": label,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device.type,
-        "device_name": device_name(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "precision": "bf16 autocast" if bf16 else "fp32",
+        **environment(label, device, bf16),
         "compile": config.parallel.compile,
         "processes": processes,
         "batch_size": tc.batch_size,
@@ -296,13 +303,7 @@ def compare_diffusers(
     with torch.no_grad(), compute_context(device, tc.precision):
         difference = (calls["pixrun"]().float() - calls["diffusers"]().float()).abs().max().item()
     return {
-        "label": label,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device.type,
-        "device_name": device_name(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "precision": "bf16 autocast" if uses_bf16(device, tc.precision) else "fp32",
+        **environment(label, device, uses_bf16(device, tc.precision)),
         "batch_size": b,
         "resolution": res,
         "text_tokens": length,

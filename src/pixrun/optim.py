@@ -184,11 +184,3 @@ class EMA:
         for name, p in self.params.items():
             self.shadow[name].lerp_(p.detach().float(), weight)
         self.updates += 1
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
-        for name, tensor in state.items():
-            self.shadow[name].copy_(tensor)
-        self.updates = updates

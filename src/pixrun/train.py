@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from pixrun.checkpoint import Checkpointer, latest_good_checkpoint, list_checkpoints, whole_tensor
 from pixrun.config import Config, ConfigError, save_config
@@ -150,6 +151,7 @@ class Trainer:
         self.stop_requested = False
         self.metric_networks = None
         self.encode_text = text
+        self.empty_prompt: torch.Tensor | None = None
         if config.text.cache_dir and not text.trainable:
             self.encode_text = TextCache(config.text.cache_dir, text, writer=str(self.world.rank))
 
@@ -217,16 +219,14 @@ class Trainer:
         `pixrun data prepare` are used as they are (they came from the same frozen encoder)."""
         if batch.embeddings is None or self.pipeline.text_tower.trainable:
             return self.encode_text(["" if drop else caption for caption, drop in zip(batch.captions, dropped)])
-        empty, _ = self.encode_text([""])
-        states = [
-            empty[0, :1] if drop else e.to(self.device, empty.dtype) for e, drop in zip(batch.embeddings, dropped)
-        ]
-        length = max(len(s) for s in states)
-        txt = torch.zeros(len(states), length, empty.shape[-1], device=self.device, dtype=empty.dtype)
-        mask = torch.zeros(len(states), length, device=self.device, dtype=torch.bool)
-        for i, s in enumerate(states):
-            txt[i, : len(s)], mask[i, : len(s)] = s, True
-        return txt, mask
+        if self.empty_prompt is None:  # encoded once: the tower is frozen
+            states, mask = self.encode_text([""])
+            self.empty_prompt = states[0][mask[0]]
+        empty = self.empty_prompt
+        states = [empty if drop else e.to(self.device, empty.dtype) for e, drop in zip(batch.embeddings, dropped)]
+        lengths = torch.tensor([len(s) for s in states], device=self.device)
+        mask = torch.arange(int(lengths.max()), device=self.device) < lengths[:, None]
+        return pad_sequence(states, batch_first=True), mask
 
     def run(self) -> Path:
         tc, world = self.config.train, self.world
