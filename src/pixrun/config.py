@@ -46,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2200  # the default's budget: make train within 15 min on 2 cores (docs/results.md)
+    steps: int = 2400  # the default's budget: make train within 15 min on 2 cores (docs/results.md)
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -13,6 +13,7 @@ MUON_LR_SCALING = {
     "match_rms_adamw": lambda rows, cols: 0.2 * math.sqrt(max(rows, cols)),
     "original": lambda rows, cols: math.sqrt(max(1.0, rows / cols)),
 }
+NS_BATCH_ELEMENTS = 1 << 26  # Newton-Schulz on at most this many values at once (256 MB in fp32)
 BLOCK_MATRIX = re.compile(r"(^|\.)blocks\.\d+\.")  # denoiser.blocks.N.*, not the text tower's encoder.block.N.*
 
 
@@ -23,6 +24,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    cooldown: float = 0.0  # share of train.steps at the end over which the lr falls linearly toward 0 (WSD)
     grad_clip: float = 1.0
     muon_lr: float = 1e-3  # the CPU default's; the recipe (configs/prx-speedrun.yaml) uses 1e-4
     muon_momentum: float = 0.95
@@ -39,6 +41,8 @@ class OptimConfig:
         if self.muon_lr_scaling not in MUON_LR_SCALING:
             known = ", ".join(MUON_LR_SCALING)
             raise ValueError(f"optim.muon_lr_scaling must be one of {known}, got {self.muon_lr_scaling!r}")
+        if not 0 <= self.cooldown <= 1:
+            raise ValueError(f"optim.cooldown must lie in [0, 1], got {self.cooldown}")
         if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1 or self.muon_ns_steps < 1:
             raise ValueError("optim.muon_lr and optim.muon_ns_steps must be positive, optim.muon_momentum in [0, 1)")
 
@@ -76,36 +80,47 @@ def build_optimizer(params: dict[str, nn.Parameter], config: OptimConfig) -> tor
     ])
 
 
-def warmup_factor(step: int, config: OptimConfig) -> float:
-    return min(1.0, (step + 1) / max(1, config.warmup_steps))
+def schedule_factor(step: int, config: OptimConfig, total_steps: int) -> float:
+    """Linear warm-up, constant, then (with optim.cooldown) a linear fall over the last steps: warmup-stable-decay.
+    A pure function of the step, so resume needs no state."""
+    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    cooldown_steps = round(config.cooldown * total_steps)
+    if cooldown_steps == 0:
+        return warmup
+    return warmup * min(1.0, (total_steps - step) / cooldown_steps)
 
 
-def lr_at(step: int, config: OptimConfig) -> float:
-    """Linear warm-up, then constant (the recipe's schedule). A pure function of the step, so resume needs no state."""
-    return config.lr * warmup_factor(step, config)
+def lr_at(step: int, config: OptimConfig, total_steps: int) -> float:
+    return config.lr * schedule_factor(step, config, total_steps)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, config: OptimConfig) -> None:
-    """The schedule of `lr_at` on every group: Muon's groups from optim.muon_lr, the others from optim.lr."""
+def set_lr(optimizer: torch.optim.Optimizer, step: int, config: OptimConfig, total_steps: int) -> None:
+    """The schedule on every group: Muon's groups from optim.muon_lr, the others from optim.lr."""
+    factor = schedule_factor(step, config, total_steps)
     for group in optimizer.param_groups:
-        peak = config.muon_lr if group["muon"] else config.lr
-        group["lr"] = peak * warmup_factor(step, config)
+        group["lr"] = (config.muon_lr if group["muon"] else config.lr) * factor
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int) -> torch.Tensor:
-    """Approximately U V^T of matrix = U S V^T by the quintic Newton-Schulz iteration of Muon, in bf16.
+def orthogonalize(matrices: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximately U V^T of each matrix = U S V^T (a matrix, or a stack of same-shape matrices, which go through
+    together: one batched product instead of many small ones) by the quintic Newton-Schulz iteration of Muon, in bf16.
 
     The coefficients trade exactness for speed: singular values end up in roughly [0.7, 1.2], not exactly 1."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = matrix.bfloat16()
-    tall = x.shape[0] > x.shape[1]
+    x = matrices.bfloat16()
+    single = x.dim() == 2
+    if single:
+        x = x[None]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the smaller Gram matrix
-        x = x.T
-    x = x / x.norm().clamp(min=1e-7)  # Frobenius norm >= spectral norm, so singular values start in [0, 1]
-    for _ in range(steps):  # x <- a x + (b G + c G^2) x with G = x x^T; addmm rounds once per product in bf16
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)  # Frobenius >= spectral norm: singular values <= 1
+    for _ in range(steps):  # x <- a x + (b G + c G^2) x with G = x x^T; baddbmm rounds once per product in bf16
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if tall:
+        x = x.mT
+    return x[0] if single else x
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -125,26 +140,42 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            update = self._muon_update if group["muon"] else self._adamw_update
-            for p in group["params"]:
-                if p.grad is not None:
-                    update(p, self.state[p], group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                self._muon_updates(params, group)
+            else:
+                for p in params:
+                    self._adamw_update(p, self.state[p], group)
         return loss
 
-    @staticmethod
-    def _muon_update(p: torch.Tensor, state: dict, group: dict) -> None:
+    def _muon_updates(self, params: list[torch.Tensor], group: dict) -> None:
+        """Same-shape matrices are orthogonalised together, at most NS_BATCH_ELEMENTS values at once, so the gathered
+        directions of a sharded model never all exist at the same time."""
+        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        for (rows, cols), same_shape in by_shape.items():
+            scale = group["lr"] * MUON_LR_SCALING[group["lr_scaling"]](rows, cols)
+            per_batch = max(1, NS_BATCH_ELEMENTS // (rows * cols))
+            for first in range(0, len(same_shape), per_batch):
+                chunk = same_shape[first : first + per_batch]
+                directions = torch.stack([self._muon_direction(p, group) for p in chunk])
+                for p, ortho in zip(chunk, orthogonalize(directions, group["ns_steps"])):
+                    ortho = ortho.to(p.dtype)
+                    if isinstance(p, DTensor):  # keep this rank's slice: no communication
+                        ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(ortho, alpha=-scale)
+
+    def _muon_direction(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """The momentum step and the (Nesterov) direction, whole: a sharded one is gathered."""
+        state = self.state[p]
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)
         momentum, buffer = group["momentum"], state["momentum_buffer"]
         buffer.lerp_(p.grad, 1 - momentum)
         direction = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-        if isinstance(direction, DTensor):
-            direction = direction.full_tensor()
-        ortho = orthogonalize(direction, group["ns_steps"]).to(p.dtype)
-        if isinstance(p, DTensor):
-            ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)  # slice, no comms
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(ortho, alpha=-group["lr"] * MUON_LR_SCALING[group["lr_scaling"]](*direction.shape))
+        return direction.full_tensor() if isinstance(direction, DTensor) else direction
 
     @staticmethod
     def _adamw_update(p: torch.Tensor, state: dict, group: dict) -> None:

@@ -159,7 +159,7 @@ class Trainer:
         """One optimisation step on this rank's part of global batch `step`; returns loss and grad norm."""
         config, tc = self.config, self.config.train
         denoiser, flow = self.pipeline.denoiser, self.pipeline.flow
-        set_lr(self.optimizer, step, config.optim)
+        set_lr(self.optimizer, step, config.optim, tc.steps)
         stage, stage_start = config.stage_at(step)
         batch = self.source.batch(step, stage, stage_start)
         if self.world.any(len(batch.captions) == 0, self.device):  # a batch of only bad samples somewhere
@@ -211,7 +211,7 @@ class Trainer:
             "flow_loss": flow_loss.detach(),
             **{k: v.detach() for k, v in terms.items()},
             "grad_norm": grad_norm,
-            "lr": torch.tensor(lr_at(step, config.optim)),
+            "lr": torch.tensor(lr_at(step, config.optim, tc.steps)),
         }
 
     def text_states(self, batch: LocalBatch, dropped: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
