@@ -9,12 +9,12 @@ drift hits both alike.
 
 import argparse
 import json
-import platform
 import time
 from collections import Counter
 
 import torch
 
+from pixrun.bench import environment
 from pixrun.model import PRESETS, Denoiser
 from pixrun.optim import BLOCK_MATRIX, orthogonalize
 
@@ -69,10 +69,9 @@ def main() -> None:
         rounds["batched"].append(best_ms(batched, matrices))
     best = {mode: min(times) for mode, times in rounds.items()}
     print(json.dumps({
+        **environment("muon_ns", torch.device("cpu"), bf16=True),
+        "precision": "bf16",  # Newton-Schulz casts to bf16 itself, no autocast
         "preset": args.preset,
-        "machine": platform.processor() or platform.machine(),
-        "threads": args.threads,
-        "torch": torch.__version__,
         "matrices": {"x".join(map(str, shape)): n for shape, n in Counter(tuple(m.shape) for m in matrices).items()},
         "ns_steps": NS_STEPS,
         "max_relative_difference": round(difference, 5),  # Frobenius, per matrix

@@ -11,7 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from common import DOCS, compare, machine, write_json
+from common import DOCS, compare
 
 # model.bottleneck: null gives the single Linear (so would 0; null says it).
 RUNS = {
@@ -28,8 +28,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     args = parser.parse_args()
 
-    rows = compare(RUNS, args.steps)
-    write_json("bottleneck.json", {"steps": args.steps, "batch_size": 64, "machine": machine(), "rows": rows})
+    rows = compare(RUNS, args.steps, "bottleneck.json")
 
     names = list(rows)
     bins = [k for k in rows[names[0]] if k.startswith("mse_t")]

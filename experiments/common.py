@@ -7,7 +7,6 @@ at step N of a longer run is the same model as a run of N steps: studies compare
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pixrun.bench import device_name
 from pixrun.checkpoint import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,18 +39,9 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
     return {
-        "cpu": cpu_name(),
+        "cpu": device_name(torch.device("cpu")),
         "cores": os.cpu_count(),
         "threads": 1,
         "torch": torch.__version__,
@@ -167,13 +158,15 @@ def training_seconds(run_dir: Path, step: int) -> float:
     return seconds
 
 
-def compare(runs: dict[str, tuple[str, list[str]]], steps: int) -> dict[str, dict]:
-    """Each run (label: (folder name, overrides)) trained to `steps`: its score, final v-loss and held-out x0 error by t."""
+def compare(runs: dict[str, tuple[str, list[str]]], steps: int, result: str) -> dict[str, dict]:
+    """Each run (label: (folder name, overrides)) trained to `steps`: its score, final v-loss and held-out x0 error by
+    t, written to results/`result` with the steps and the machine."""
     rows = {}
     for label, (name, overrides) in runs.items():
         run_dir = train_run(name, overrides, steps)
         scores = evaluate(run_dir, steps)
         rows[label] = {"run": name, "loss_v": mean_loss(run_dir, steps), **held_out_mse(run_dir, steps), **scores}
+    write_json(result, {"steps": steps, "batch_size": 64, "machine": machine(), "rows": rows})  # shapes-cpu.yaml's batch
     return rows
 
 

@@ -11,7 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from common import DOCS, compare, machine, write_json
+from common import DOCS, compare
 from PIL import Image, ImageDraw
 
 RUNS = {"x": ("default", []), "eps": ("pred-eps", ["flow.prediction=eps"]), "v": ("pred-v", ["flow.prediction=v"])}
@@ -22,8 +22,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     args = parser.parse_args()
 
-    rows = compare(RUNS, args.steps)
-    write_json("prediction_space.json", {"steps": args.steps, "batch_size": 64, "machine": machine(), "rows": rows})
+    rows = compare(RUNS, args.steps, "prediction_space.json")
     plot(rows, args.steps)
     sample_grids(args.steps)
 

@@ -90,15 +90,12 @@ def schedule_factor(step: int, config: OptimConfig, total_steps: int) -> float:
     return warmup * min(1.0, (total_steps - step) / cooldown_steps)
 
 
-def lr_at(step: int, config: OptimConfig, total_steps: int) -> float:
-    return config.lr * schedule_factor(step, config, total_steps)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, step: int, config: OptimConfig, total_steps: int) -> None:
-    """The schedule on every group: Muon's groups from optim.muon_lr, the others from optim.lr."""
+def set_lr(optimizer: torch.optim.Optimizer, step: int, config: OptimConfig, total_steps: int) -> float:
+    """The schedule on every group: Muon's groups from optim.muon_lr, the others from optim.lr; returns the latter."""
     factor = schedule_factor(step, config, total_steps)
     for group in optimizer.param_groups:
         group["lr"] = (config.muon_lr if group["muon"] else config.lr) * factor
+    return config.lr * factor
 
 
 def orthogonalize(matrices: torch.Tensor, steps: int) -> torch.Tensor:

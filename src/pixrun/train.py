@@ -22,7 +22,7 @@ from pixrun.flow import Flow
 from pixrun.logger import RunLogger, save_grid
 from pixrun.losses.auxiliary import AuxiliaryLosses
 from pixrun.model import Denoiser, RoutePlan, count_parameters
-from pixrun.optim import EMA, build_optimizer, lr_at, set_lr
+from pixrun.optim import EMA, build_optimizer, set_lr
 from pixrun.parallel import World, close_world, init_world, parallelize
 from pixrun.pipeline import (
     Pipeline,
@@ -159,7 +159,7 @@ class Trainer:
         """One optimisation step on this rank's part of global batch `step`; returns loss and grad norm."""
         config, tc = self.config, self.config.train
         denoiser, flow = self.pipeline.denoiser, self.pipeline.flow
-        set_lr(self.optimizer, step, config.optim, tc.steps)
+        lr = set_lr(self.optimizer, step, config.optim, tc.steps)
         stage, stage_start = config.stage_at(step)
         batch = self.source.batch(step, stage, stage_start)
         if self.world.any(len(batch.captions) == 0, self.device):  # a batch of only bad samples somewhere
@@ -211,7 +211,7 @@ class Trainer:
             "flow_loss": flow_loss.detach(),
             **{k: v.detach() for k, v in terms.items()},
             "grad_norm": grad_norm,
-            "lr": torch.tensor(lr_at(step, config.optim, tc.steps)),
+            "lr": torch.tensor(lr),
         }
 
     def text_states(self, batch: LocalBatch, dropped: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
