@@ -22,7 +22,13 @@ def tiny_params(seed=0) -> dict[str, torch.nn.Parameter]:
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     params = {f"denoiser.{n}": p for n, p in model.named_parameters()}
-    params["text_encoder.encoder.block.0.layer.0.SelfAttention.q.weight"] = torch.nn.Parameter(torch.randn(24, 24))
+    text = {
+        "shared.weight": (50, 24),
+        "encoder.block.0.layer.0.SelfAttention.q.weight": (24, 24),
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (32, 2),
+        "encoder.block.0.layer.1.DenseReluDense.wo.weight": (24, 64),
+    }
+    params.update({f"text_encoder.{n}": torch.nn.Parameter(torch.randn(shape)) for n, shape in text.items()})
     return params
 
 
@@ -57,6 +63,18 @@ def test_muon_takes_exactly_the_matrices_inside_the_denoiser_blocks():
         )
     }
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)  # everything else: AdamW
+
+
+def test_muon_text_adds_the_text_encoders_hidden_matrices_but_not_its_embeddings():
+    params = tiny_params()
+    optimizer = build_optimizer(params, OptimConfig(**{**MUON.__dict__, "muon_text": True}))
+    muon_ids = {id(p) for g in optimizer.param_groups if g["muon"] for p in g["params"]}
+    chosen_text = {name for name, p in params.items() if id(p) in muon_ids and name.startswith("text_encoder.")}
+    assert chosen_text == {
+        "text_encoder.encoder.block.0.layer.0.SelfAttention.q.weight",
+        "text_encoder.encoder.block.0.layer.1.DenseReluDense.wo.weight",
+    }
+    assert len(muon_ids) == 2 * 7 + 2
 
 
 def test_orthogonalize_flattens_the_spectrum():
