@@ -56,15 +56,12 @@ def test_invalid_configuration_raises():
         ShapesWorld(colors=("red", "magenta"))
     with pytest.raises(ValueError, match="unknown task"):
         ShapesWorld(task_weights={"counting": 1.0, "spelling": 1.0})
-    with pytest.raises(ValueError, match="mention_order"):
-        ShapesWorld(mention_order="alphabetical")
     with pytest.raises(ValueError, match="every colour"):
         ShapesWorld(colors=("red", "blue"), heldout=["red circle", "blue circle"])
 
 
-@pytest.mark.parametrize("mention_order", ["any", "reading"])
-def test_captions_follow_the_templates_and_describe_the_scene(mention_order):
-    world = ShapesWorld(kinds=SHAPE_KINDS, heldout=HELDOUT, mention_order=mention_order)
+def test_captions_follow_the_templates_and_describe_the_scene():
+    world = ShapesWorld(kinds=SHAPE_KINDS, heldout=HELDOUT)
     kind = "|".join(world.kinds)
     color = "|".join(world.colors)
     article = r"(a|an)"
@@ -178,6 +175,10 @@ def test_batch_shape_range_and_determinism():
     again, again_captions = ShapesWorld(heldout=HELDOUT).batch(seed=3, index=5, batch_size=8, resolution=32)
     assert torch.equal(images, again) and captions == again_captions
 
+    # Any rows of it, rendered alone, are those rows of the whole batch (each rank renders only its own).
+    rows, row_captions = world.batch(seed=3, index=5, batch_size=8, resolution=32, rows=slice(2, 6))
+    assert torch.equal(rows, images[2:6]) and row_captions == captions[2:6]
+
     next_images, _ = world.batch(seed=3, index=6, batch_size=8, resolution=32)
     other_seed, _ = world.batch(seed=4, index=5, batch_size=8, resolution=32)
     for other in (next_images, other_seed):
@@ -189,24 +190,6 @@ def test_task_weights_select_tasks():
     tasks = [s.task for s in sample_scenes(world, 400)]
     assert set(tasks) == {"counting", "position"}
     assert 0.6 < tasks.count("position") / len(tasks) < 0.9
-
-
-def test_reading_order_names_the_left_or_upper_object_first():
-    def first_named_reads_first(scene):
-        a, b = scene.objects
-        if abs(a.cx - b.cx) >= abs(a.cy - b.cy):
-            return a.cx < b.cx
-        return a.cy < b.cy
-
-    free = ("two_object", "color_attr")
-    scenes = sample_scenes(ShapesWorld(mention_order="reading"), 600)
-    assert all(first_named_reads_first(s) for s in scenes if s.task in free)
-    unordered = sample_scenes(ShapesWorld(), 600)
-    assert not all(first_named_reads_first(s) for s in unordered if s.task in free)  # the check is not vacuous
-    # The same layouts: only the free tasks' captions change, and the other tasks' scenes are untouched.
-    for ordered, scene in zip(scenes, unordered):
-        assert {o for o in ordered.objects} == {o for o in scene.objects}
-        assert ordered.caption == scene.caption or ordered.task in free
 
 
 def test_vocabulary_covers_every_caption():

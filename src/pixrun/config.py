@@ -42,7 +42,6 @@ class DataConfig:
     colors: list[str] = field(default_factory=lambda: ["red", "orange", "yellow", "green", "blue", "purple"])
     heldout: list[str] = field(default_factory=lambda: ["purple triangle", "orange circle"])  # never trained on
     task_weights: dict[str, float] | None = None  # None: the six tasks equally
-    mention_order: str = "any"  # any | reading: two-object captions name the left (or upper) object first
 
 
 @dataclass

@@ -26,9 +26,7 @@ def resolve_device(name: str) -> torch.device:
 def build_world(config: Config) -> ShapesWorld:
     d = config.data
     try:
-        return ShapesWorld(
-            kinds=d.kinds, colors=d.colors, heldout=d.heldout, task_weights=d.task_weights, mention_order=d.mention_order
-        )
+        return ShapesWorld(kinds=d.kinds, colors=d.colors, heldout=d.heldout, task_weights=d.task_weights)
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
 

@@ -8,7 +8,7 @@ so the same scene renders at any resolution.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
-# "reading": two-object captions name the left (or upper) object first, as people tend to describe a scene. It gives
-# a small model a way to tell which noun goes with which object; the evaluation's prompts do not depend on it.
-MENTION_ORDERS = ("any", "reading")
 
 SHAPE_KINDS = ("circle", "square", "triangle", "cross", "diamond")
 # Saturated and far apart in RGB (closest pair, orange/yellow, is ~90 apart), and all far from the
@@ -125,14 +122,6 @@ def draw_shape(
     draw.polygon([(cx + x - 0.5, cy + y - 0.5) for x, y in points], fill=fill)
 
 
-def reads_before(a: ShapeObject, b: ShapeObject) -> bool:
-    """Whether a reader meets `a` first: the one further left, or the upper one when they are more stacked than side
-    by side."""
-    if abs(a.cx - b.cx) >= abs(a.cy - b.cy):
-        return a.cx < b.cx
-    return a.cy < b.cy
-
-
 def _separated(centres: np.ndarray, sizes: np.ndarray, candidates: np.ndarray, size: float) -> np.ndarray:
     """Which candidate centres keep a square of `size` at least OBJECT_GAP away from every placed one."""
     if len(centres) == 0:
@@ -159,11 +148,9 @@ class ShapesWorld:
         colors: Sequence[str] = DEFAULT_COLORS,
         heldout: Sequence[str] = (),
         task_weights: Mapping[str, float] | None = None,
-        mention_order: str = "any",
     ) -> None:
         """`heldout`: "colour kind" pairs never drawn in training scenes. `task_weights`: relative
-        sampling weight per task; tasks left out get weight 0 (None: all tasks equally). `mention_order`:
-        "any", or "reading": two-object and colour-attribution captions name the objects in reading order."""
+        sampling weight per task; tasks left out get weight 0 (None: all tasks equally)."""
         self.kinds = tuple(dict.fromkeys(kinds))
         self.colors = tuple(dict.fromkeys(colors))
         for kind in self.kinds:
@@ -211,9 +198,6 @@ class ShapesWorld:
         if total <= 0:
             raise ValueError("task_weights must give some task a positive weight")
         self.task_weights = {task: weights.get(task, 0.0) for task in TASKS}
-        if mention_order not in MENTION_ORDERS:
-            raise ValueError(f"mention_order must be one of {MENTION_ORDERS}, got {mention_order!r}")
-        self.mention_order = mention_order
         self._task_probs = np.array([self.task_weights[task] / total for task in TASKS])
 
     def sample_scene(self, rng: np.random.Generator, task: str | None = None) -> Scene:
@@ -238,13 +222,7 @@ class ShapesWorld:
         caption = make_caption(task, kinds, colors, relation)
         # Objects whose colour the caption leaves open still avoid held-out pairs.
         colors = colors or [self._random_color(rng, kind) for kind in kinds]
-        scene = self._compose(rng, task, caption, kinds, colors, (0, relation, 1) if relation else None)
-        if self.mention_order == "reading" and task in ("two_object", "color_attr"):
-            first, second = scene.objects
-            if not reads_before(first, second):
-                caption = make_caption(task, kinds[::-1], colors[::-1] if task == "color_attr" else ())
-                scene = replace(scene, caption=caption, objects=(second, first))
-        return scene
+        return self._compose(rng, task, caption, kinds, colors, (0, relation, 1) if relation else None)
 
     def scene_for_prompt(self, spec: PromptSpec, rng: np.random.Generator) -> Scene:
         """A scene satisfying an evaluation prompt (held-out pairs allowed): its ground-truth render."""
@@ -283,12 +261,13 @@ class ShapesWorld:
         return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
     def batch(
-        self, seed: int, index: int, batch_size: int, resolution: int
+        self, seed: int, index: int, batch_size: int, resolution: int, rows: slice = slice(None)
     ) -> tuple[torch.Tensor, list[str]]:
-        """Batch `index` of stream `seed`: float32 B×3×H×W images in [-1, 1] and their captions.
-        A pure function of (seed, index), so training can resume mid-stream exactly."""
+        """Batch `index` of stream `seed`: float32 B×3×H×W images in [-1, 1] and their captions, or only the
+        `rows` of it. A pure function of (seed, index), so training can resume mid-stream exactly; every scene of
+        the batch is drawn (cheap) so that any rows are the same whoever renders them (the costly part)."""
         rng = np.random.default_rng([seed, index])
-        scenes = [self.sample_scene(rng) for _ in range(batch_size)]
+        scenes = [self.sample_scene(rng) for _ in range(batch_size)][rows]
         images = np.stack([self.render(scene, resolution) for scene in scenes]).transpose(0, 3, 1, 2)
         images_tensor = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1.0
         return images_tensor, [scene.caption for scene in scenes]

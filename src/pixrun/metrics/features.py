@@ -52,7 +52,9 @@ class ClipFeatures(nn.Module):
         return F.normalize(self.model(pixel_values=pixels).image_embeds, dim=-1)
 
 
-class DinoFeatures(nn.Module):
+class DinoClsEmbedding(nn.Module):
+    """The pooled, L2-normalised CLS token (DINO-MMD); the losses use the patch tokens (pixrun.losses.dino)."""
+
     def __init__(self, model: transformers.Dinov2Model, key: str | None):
         super().__init__()
         self.model = model
@@ -88,7 +90,7 @@ def build_feature_network(network: str, weights: str, random_init: bool = False)
         model = ClipFeatures(clip, key)
     elif network == "dino":
         dino = _load_transformers(transformers.Dinov2Model, transformers.Dinov2Config, weights, random_init, "DINO-MMD")
-        model = DinoFeatures(dino, key)
+        model = DinoClsEmbedding(dino, key)
     else:
         raise ValueError(f"unknown feature network {network!r}; expected inception, clip or dino")
     return model.eval().requires_grad_(False)
