@@ -107,6 +107,10 @@ def evaluate(run_dir: Path, step: int, per_task: int = 16) -> dict:
     return _cache()[key]
 
 
+def is_scored(run_dir: Path, step: int, per_task: int = 16) -> bool:
+    return f"{run_dir.name}@{step}/{per_task}" in _cache()
+
+
 def held_out_mse(run_dir: Path, step: int, count: int = 256) -> dict:
     """MSE of the EMA model's x̂₀ on `count` held-out shapes-world images, once per t-bin with fixed t and noise:
     the same space whatever the network predicts, and far less noisy than the score. Cached like `evaluate`."""

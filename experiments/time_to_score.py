@@ -1,7 +1,7 @@
 """Study 4: time to a compositional score of 0.5 for the default config (Muon), and how it moves with batch size and
-learning rate. Each run keeps a checkpoint every 32 k images and the ones from 96 k images on are scored. Time is
-the number of steps to a score times the variant's step time, measured by `pixrun bench` on both cores with the
-variants' rounds interleaved, so contention while the runs trained does not enter it.
+learning rate. Each run keeps a checkpoint every 32 k images; those from 128 k images on are scored (and any earlier
+one scored before). Time is the number of steps to a score times the variant's step time, measured by `pixrun bench`
+on both cores with the variants' rounds interleaved, so contention while the runs trained does not enter it.
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/time_to_score.py train VARIANT   # one run (two side by side)
     OMP_NUM_THREADS=1 .venv/bin/python experiments/time_to_score.py score VARIANT   # its checkpoints
@@ -16,10 +16,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from common import DOCS, PIXRUN, ROOT, RUNS, checkpoint_steps, evaluate, machine, train_run, write_json
+from common import DOCS, PIXRUN, ROOT, RUNS, checkpoint_steps, evaluate, is_scored, machine, train_run, write_json
 
 CHECKPOINT_IMAGES = 32_000
-FIRST_SCORED_IMAGES = 96_000
+FIRST_SCORED_IMAGES = 128_000
 BASE_LR, BASE_MUON_LR = 5e-4, 1e-3
 
 
@@ -36,8 +36,8 @@ def muon(batch: int = 64, lr_factor: float = 1.0) -> list[str]:
 # variant: (run folder, overrides, steps). "adamw" is the default before Muon (the runs of studies 2 and 3).
 VARIANTS = {
     "adamw": ("default", ["train.batch_size=64"], 2500),
-    "muon": ("muon", muon(), 3500),
-    "muon batch 32": ("muon-batch32", muon(batch=32), 8000),
+    "muon": ("muon", muon(), 4000),
+    "muon batch 32": ("muon-batch32", muon(batch=32), 6000),
     "muon batch 128": ("muon-batch128", muon(batch=128), 2000),
     "muon lr x0.5": ("muon-lr0.5x", muon(lr_factor=0.5), 4000),
     "muon lr x2": ("muon-lr2x", muon(lr_factor=2.0), 4000),
@@ -54,7 +54,10 @@ def scored_steps(variant: str) -> list[int]:
     name, overrides, steps = VARIANTS[variant]
     batch = batch_size(overrides)
     every = CHECKPOINT_IMAGES // batch
-    return [s for s in checkpoint_steps(RUNS / name) if FIRST_SCORED_IMAGES <= s * batch and s <= steps and s % every == 0]
+    return [
+        s for s in checkpoint_steps(RUNS / name)
+        if s <= steps and s % every == 0 and (FIRST_SCORED_IMAGES <= s * batch or is_scored(RUNS / name, s))
+    ]
 
 
 def score(variant: str) -> list[dict]:

@@ -15,8 +15,6 @@ MUON_LR_SCALING = {
 }
 NS_BATCH_ELEMENTS = 1 << 26  # Newton-Schulz on at most this many values at once (256 MB in fp32)
 BLOCK_MATRIX = re.compile(r"(^|\.)blocks\.\d+\.")  # denoiser.blocks.N.*, not the text tower's encoder.block.N.*
-# The trained text encoder's hidden matrices (attention and MLP of encoder.block.N), not its embeddings.
-TEXT_BLOCK_MATRIX = re.compile(r"^text_encoder\..*\bblock\.\d+\.(?!.*relative_attention_bias)")
 
 
 @dataclass
@@ -33,7 +31,6 @@ class OptimConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     muon_weight_decay: float = 0.0
-    muon_text: bool = False  # Muon also for the jointly trained text encoder's hidden matrices
     # How the orthogonalised update is scaled per matrix (A x B): "match_rms_adamw" = 0.2 * sqrt(max(A, B)), so its
     # RMS is AdamW's and the recipe's lr 1e-4 carries over (Moonshot); "original" = sqrt(max(1, A / B)) (Keller Jordan).
     muon_lr_scaling: str = "match_rms_adamw"
@@ -69,8 +66,7 @@ def build_optimizer(params: dict[str, nn.Parameter], config: OptimConfig) -> tor
             {"params": no_decay, "weight_decay": 0.0, "muon": False},
         ]
         return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), fused=False)
-    patterns = [BLOCK_MATRIX, TEXT_BLOCK_MATRIX] if config.muon_text else [BLOCK_MATRIX]
-    muon = [p for name, p in params.items() if p.dim() == 2 and any(r.search(name) for r in patterns)]
+    muon = [p for name, p in params.items() if p.dim() == 2 and BLOCK_MATRIX.search(name)]
     muon_ids = {id(p) for p in muon}
     adamw = {"lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "muon": False}
     return MuonAdamW([
