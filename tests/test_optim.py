@@ -1,5 +1,6 @@
 import os
 import socket
+from itertools import pairwise
 
 import pytest
 import torch
@@ -134,7 +135,7 @@ def test_cooldown_falls_linearly_over_the_last_share_of_steps():
     assert lrs[9] == lrs[79] == pytest.approx([2e-2, 1e-3, 1e-3])  # warm from step 9, flat until the last 20
     assert lrs[90] == pytest.approx([1e-2, 5e-4, 5e-4])  # halfway down
     assert lrs[99] == pytest.approx([1e-3, 5e-5, 5e-5])  # one step from the end: 1/20 of the peak
-    assert all(later[0] < earlier[0] for earlier, later in zip(lrs[80:], lrs[81:]))
+    assert all(later[0] < earlier[0] for earlier, later in pairwise(lrs[80:]))
 
 
 def test_batched_newton_schulz_matches_one_matrix_at_a_time():

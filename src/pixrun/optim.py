@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim.adamw import adamw
 
 MUON_LR_SCALING = {
     "match_rms_adamw": lambda rows, cols: 0.2 * math.sqrt(max(rows, cols)),
@@ -68,15 +69,15 @@ def build_optimizer(params: dict[str, nn.Parameter], config: OptimConfig) -> tor
         return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), fused=False)
     muon = [p for name, p in params.items() if p.dim() == 2 and BLOCK_MATRIX.search(name)]
     muon_ids = {id(p) for p in muon}
-    adamw = {"lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "muon": False}
+    adamw_group = {"lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "muon": False}
     return MuonAdamW([
         {
             "params": muon, "muon": True, "lr": config.muon_lr, "weight_decay": config.muon_weight_decay,
             "momentum": config.muon_momentum, "nesterov": config.muon_nesterov, "ns_steps": config.muon_ns_steps,
             "lr_scaling": config.muon_lr_scaling,
         },
-        {**adamw, "params": [p for p in decay if id(p) not in muon_ids], "weight_decay": config.weight_decay},
-        {**adamw, "params": no_decay, "weight_decay": 0.0},
+        {**adamw_group, "params": [p for p in decay if id(p) not in muon_ids], "weight_decay": config.weight_decay},
+        {**adamw_group, "params": no_decay, "weight_decay": 0.0},
     ])
 
 
@@ -140,9 +141,8 @@ class MuonAdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if group["muon"]:
                 self._muon_updates(params, group)
-            else:
-                for p in params:
-                    self._adamw_update(p, self.state[p], group)
+            elif params:
+                self._adamw_updates(params, group)
         return loss
 
     def _muon_updates(self, params: list[torch.Tensor], group: dict) -> None:
@@ -174,20 +174,20 @@ class MuonAdamW(torch.optim.Optimizer):
         direction = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
         return direction.full_tensor() if isinstance(direction, DTensor) else direction
 
-    @staticmethod
-    def _adamw_update(p: torch.Tensor, state: dict, group: dict) -> None:
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        step = state["step"].item()
+    def _adamw_updates(self, params: list[torch.Tensor], group: dict) -> None:
+        """torch's own AdamW, on the whole group at once (multi-tensor kernels)."""
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
         beta1, beta2 = group["betas"]
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1**step))
+        adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states], foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
 
 
 class EMA:
@@ -209,6 +209,6 @@ class EMA:
         if (step + 1) % self.config.every:
             return
         weight = 1 - self.decay()
-        for name, p in self.params.items():
-            self.shadow[name].lerp_(p.detach().float(), weight)
+        shadows = list(self.shadow.values())
+        torch._foreach_lerp_(shadows, [self.params[name].detach().float() for name in self.shadow], weight)
         self.updates += 1
