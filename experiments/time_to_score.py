@@ -35,7 +35,7 @@ def muon(batch: int = 64, lr_factor: float = 1.0) -> list[str]:
 
 # variant: (run folder, overrides, steps). "adamw" is the default before Muon (the runs of studies 2 and 3).
 VARIANTS = {
-    "adamw": ("default", ["train.batch_size=64"], 2500),
+    "adamw": ("default", ["optim.name=adamw", "train.batch_size=64"], 2500),
     "muon": ("muon", muon(), 4000),
     "muon batch 32": ("muon-batch32", muon(batch=32), 6000),
     "muon batch 128": ("muon-batch128", muon(batch=128), 2000),

@@ -141,9 +141,8 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
 
 
 def data_time_and_text_tokens(trainer, steps: range) -> tuple[float, float]:
-    """Seconds per step spent making a batch when nothing else runs (the shapes world renders it on the CPU, in
-    training during the step before; shards come from loader processes), and the mean padded caption length the
-    text tower saw (captions are padded to the longest of the batch)."""
+    """Seconds per step spent making the batch (the shapes world renders it on the CPU, inside the step), and the
+    mean padded caption length the text tower saw (captions are padded to the longest of the batch)."""
     config, tower = trainer.config, trainer.pipeline.text_tower
     seconds, lengths = 0.0, []
     for step in steps:

@@ -5,7 +5,6 @@ prepared WebDataset shards (a stream, whose position is saved with each checkpoi
 repeats nor skips a sample). A multi-resolution run opens each stage's shards when it reaches that stage.
 """
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -23,30 +22,15 @@ class LocalBatch:
 
 
 class ShapesSource:
-    """Renders this rank's rows of each global batch, the next step's in a background thread while this one trains
-    (drawing is in PIL and numpy, which let the training thread run meanwhile)."""
-
     def __init__(self, world: ShapesWorld, seed: int, rank: int, world_size: int):
         self.world, self.seed, self.rank, self.world_size = world, seed, rank, world_size
-        self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shapes")
-        self._next: tuple[tuple[int, int, int], Future] | None = None
 
     def batch(self, step: int, stage, stage_start: int) -> LocalBatch:
         """Every rank draws the global batch's scenes and renders its own rows, so any world size trains on the same
         data."""
-        key = (step, stage.batch_size, stage.resolution)
-        if self._next is not None and self._next[0] == key:
-            images, captions = self._next[1].result()
-        else:  # the first step, a resume or a new stage
-            images, captions = self._render(*key)
-        following = (step + 1, stage.batch_size, stage.resolution)
-        self._next = following, self._renderer.submit(self._render, *following)
-        return LocalBatch(images, captions)
-
-    def _render(self, step: int, batch_size: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
-        per_rank = batch_size // self.world_size
+        per_rank = stage.batch_size // self.world_size
         mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        return self.world.batch(self.seed, step, batch_size, resolution, rows=mine)
+        return LocalBatch(*self.world.batch(self.seed, step, stage.batch_size, stage.resolution, rows=mine))
 
     skipped = 0  # rendered samples are never bad
 
