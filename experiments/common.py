@@ -1,5 +1,5 @@
 """What the shapes-world studies share: train a run with `pixrun train` (one thread, resumable), score any of
-its checkpoints with pixrun's own evaluator, and read its loss and step time back from metrics.jsonl.
+its checkpoints with pixrun's own evaluator, and read its training loss back from metrics.jsonl.
 
 Every run starts from configs/shapes-cpu.yaml. The learning rate is constant after warm-up, so the checkpoint
 at step N of a longer run is the same model as a run of N steps: studies compare runs at a shared step.
@@ -145,21 +145,6 @@ def mean_loss(run_dir: Path, step: int, window: int = 100) -> float:
     """The training loss averaged over the `window` steps up to `step` (one sample of it is noisy)."""
     rows = [r for r in metrics(run_dir) if step - window < r["step"] <= step]
     return sum(r["loss"] for r in rows) / len(rows)
-
-
-def training_seconds(run_dir: Path, step: int) -> float:
-    """Time spent in optimisation steps up to `step`: each logged interval's steps at its measured
-    images/s (sampling, checkpoints and restarts left out, so runs that paused compare fairly)."""
-    from pixrun.config import load_config
-
-    batch = load_config(run_dir / "config.yaml").train.batch_size
-    seconds, previous = 0.0, 0
-    for row in metrics(run_dir):
-        if row["step"] > step:
-            break
-        seconds += (row["step"] - previous) * batch / row["images_per_s"]
-        previous = row["step"]
-    return seconds
 
 
 def compare(runs: dict[str, tuple[str, list[str]]], steps: int, result: str) -> dict[str, dict]:
