@@ -16,7 +16,7 @@ import torch
 
 from pixrun.bench import environment
 from pixrun.model import PRESETS, Denoiser
-from pixrun.optim import BLOCK_MATRIX, orthogonalize
+from pixrun.optim import BLOCK_MATRIX, orthogonalize, same_shape_chunks
 
 ROUNDS, REPEATS, NS_STEPS = 5, 5, 5
 
@@ -34,11 +34,8 @@ def one_at_a_time(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def batched(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, m in enumerate(matrices):
-        groups.setdefault(tuple(m.shape), []).append(i)
     out: list[torch.Tensor] = [None] * len(matrices)
-    for indices in groups.values():
+    for indices in same_shape_chunks(matrices):
         for i, ortho in zip(indices, orthogonalize(torch.stack([matrices[i] for i in indices]), NS_STEPS)):
             out[i] = ortho
     return out

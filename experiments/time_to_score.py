@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from common import DOCS, PIXRUN, ROOT, RUNS, checkpoint_steps, evaluate, is_scored, machine, train_run, write_json
 
+from pixrun.config import load_config
+
 CHECKPOINT_IMAGES = 32_000
 FIRST_SCORED_IMAGES = 128_000
 BASE_LR, BASE_MUON_LR = 5e-4, 1e-3
@@ -47,7 +49,7 @@ BENCH_ROUNDS = 3
 
 
 def batch_size(overrides: list[str]) -> int:
-    return int(next(o for o in reversed(overrides) if o.startswith("train.batch_size=")).split("=")[1])
+    return load_config(ROOT / "configs" / "shapes-cpu.yaml", overrides).train.batch_size
 
 
 def scored_steps(variant: str) -> list[int]:
@@ -71,7 +73,7 @@ def step_seconds(variants: list[str]) -> dict[str, float]:
     times = {v: [] for v in variants}
     for _ in range(BENCH_ROUNDS):
         for variant in variants:
-            overrides = [o for o in VARIANTS[variant][1] if not o.startswith("train.checkpoint_every")]
+            overrides = VARIANTS[variant][1]
             command = [PIXRUN, "bench", str(ROOT / "configs" / "shapes-cpu.yaml"), *overrides, "--steps", "10", "--json"]
             out = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True).stdout
             times[variant].append(json.loads(out)["step_ms"] / 1000)

@@ -121,6 +121,19 @@ def orthogonalize(matrices: torch.Tensor, steps: int) -> torch.Tensor:
     return x[0] if single else x
 
 
+def same_shape_chunks(matrices: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of `matrices` grouped by shape, in chunks of at most NS_BATCH_ELEMENTS values: what Newton-Schulz takes
+    at once, so the gathered directions of a sharded model never all exist at the same time."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(matrices):
+        by_shape.setdefault(tuple(m.shape), []).append(i)
+    chunks = []
+    for shape, indices in by_shape.items():
+        per_chunk = max(1, NS_BATCH_ELEMENTS // math.prod(shape))
+        chunks += [indices[first : first + per_chunk] for first in range(0, len(indices), per_chunk)]
+    return chunks
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on the param groups with "muon": True, AdamW on the others: one optimizer, one state dict.
 
@@ -146,23 +159,17 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def _muon_updates(self, params: list[torch.Tensor], group: dict) -> None:
-        """Same-shape matrices are orthogonalised together, at most NS_BATCH_ELEMENTS values at once, so the gathered
-        directions of a sharded model never all exist at the same time."""
-        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        for p in params:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-        for (rows, cols), same_shape in by_shape.items():
+        for indices in same_shape_chunks(params):
+            chunk = [params[i] for i in indices]
+            rows, cols = chunk[0].shape
             scale = group["lr"] * MUON_LR_SCALING[group["lr_scaling"]](rows, cols)
-            per_batch = max(1, NS_BATCH_ELEMENTS // (rows * cols))
-            for first in range(0, len(same_shape), per_batch):
-                chunk = same_shape[first : first + per_batch]
-                directions = torch.stack([self._muon_direction(p, group) for p in chunk])
-                for p, ortho in zip(chunk, orthogonalize(directions, group["ns_steps"])):
-                    ortho = ortho.to(p.dtype)
-                    if isinstance(p, DTensor):  # keep this rank's slice: no communication
-                        ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(ortho, alpha=-scale)
+            directions = torch.stack([self._muon_direction(p, group) for p in chunk])
+            for p, ortho in zip(chunk, orthogonalize(directions, group["ns_steps"])):
+                ortho = ortho.to(p.dtype)
+                if isinstance(p, DTensor):  # keep this rank's slice: no communication
+                    ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(ortho, alpha=-scale)
 
     def _muon_direction(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """The momentum step and the (Nesterov) direction, whole: a sharded one is gathered."""
