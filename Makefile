@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # On a GPU machine, install the CUDA build of the same version into $(VENV) before `make`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install train test clean
+.PHONY: install train test test-slow clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,12 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(BIN)/pixrun train --resume auto $(ARGS)
 
+# The tests that fit in a few minutes; `make test-slow` runs the rest (multi-process, kill and restart tests).
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

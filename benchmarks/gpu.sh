@@ -3,7 +3,8 @@
 # 32 GPUs) and 1024 px (batch 16 = 512 / 32), bf16 autocast, each
 #   - denoiser alone (flow loss only), and the recipe (LPIPS 0.1, P-DINO 0.01, REPA 0.5 at 512 px only, TREAD 50 %),
 #   - without and with torch.compile of the blocks,
-# plus pixrun's denoiser against diffusers' PRXTransformer2DModel at both sizes. One JSON object per line goes to
+# plus pixrun's denoiser against diffusers' PRXTransformer2DModel at both sizes, and first a check that an ordinary
+# step makes no host synchronisation (torch.cuda.set_sync_debug_mode("error")). One JSON object per line goes to
 # benchmarks/gpu_<device>_<date>.jsonl; the human-readable lines go to the terminal.
 #
 #     bash benchmarks/gpu.sh            # STEPS=20 WARMUP=5 by default; PYTHON=.venv/bin/python
@@ -32,6 +33,9 @@ bench() {
         --steps "$STEPS" --warmup "$WARMUP" --json | tee -a "$OUT" | "$PYTHON" -c \
         "import json, sys; from pixrun.bench import format_report; print(format_report(json.loads(sys.stdin.read())))"
 }
+
+"$PYTHON" benchmarks/sync_check.py configs/prx-small-pixel.yaml train.batch_size=8 | tee -a "$OUT"
+"$PYTHON" benchmarks/sync_check.py configs/prx-small-pixel.yaml train.batch_size=8 tread.enabled=true | tee -a "$OUT"
 
 RECIPE="lpips.weight=0.1 lpips.random_init=true pdino.weight=0.01 pdino.source=$DINO tread.enabled=true"
 for size in "512 32" "1024 16"; do

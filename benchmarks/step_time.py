@@ -38,7 +38,8 @@ def main(args: list[str]) -> None:
     params = pipeline.trainable_parameters()
     optimizer = build_optimizer(params, config.optim)
     b, res = config.train.batch_size, config.data.resolution
-    x0, captions = world.batch(0, 0, b, res)
+    images, captions = world.batch(0, 0, b, res)
+    x0 = images.float() / 127.5 - 1
     flow = pipeline.flow
 
     def step(context) -> None:

@@ -45,10 +45,10 @@ def measure_step_ratio() -> dict:
     x = torch.randn(BATCH, 3, RESOLUTION, RESOLUTION)
     t, txt = torch.rand(BATCH), torch.randn(BATCH, TEXT_TOKENS, c.context_dim)
     tokens = (RESOLUTION // c.patch_size) ** 2
-    generator = torch.Generator().manual_seed(0)
+    generators = [torch.Generator().manual_seed(i) for i in range(BATCH)]
 
     def step(routed: bool) -> None:
-        plan = model.plan_routing(RECIPE, BATCH, tokens, generator) if routed else None
+        plan = model.plan_routing(RECIPE, tokens, generators, "cpu") if routed else None
         model(x, t, txt, routing=plan).square().mean().backward()
         model.zero_grad(set_to_none=True)
 

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from tests.conftest import TINY_OVERRIDES
 
 # fp32 and AdamW, so that runs split over processes add up the same numbers as one process, within float
@@ -84,3 +86,83 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
 def last_record_per_step(run_dir: Path) -> dict[int, dict]:
     """A resumed run logs the steps after its last checkpoint again; the last record of each step counts."""
     return {r["step"]: r for r in metric_records(run_dir)}
+
+
+class HostReads:
+    """Counts reads of tensor values by the host while active: `.item()`, `.tolist()`, `.cpu()`, `.numpy()`,
+    `bool()`, `int()`, `float()` of a tensor from Python, and `aten._local_scalar_dense` (what they come down to
+    in C++ too). On a GPU each one waits for the device; a CPU run shows the same calls."""
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class LocalScalars(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.calls.append(f"aten._local_scalar_dense at {caller()}")
+                return func(*args, **(kwargs or {}))
+
+        def counted(name, original):
+            def method(tensor, *args, **kwargs):
+                counter.calls.append(f"Tensor.{name} at {caller()}")
+                return original(tensor, *args, **kwargs)
+            return method
+
+        self.originals = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, counted(name, original))
+        self.mode = LocalScalars()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def caller() -> str:
+    """The innermost frame outside this file and torch's own Python: who asked for the value."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/" not in frame.filename and not frame.filename.endswith("helpers.py"):
+            return f"{frame.filename}:{frame.lineno} ({frame.name})"
+    return "?"
+
+
+def tiny_t5(path: Path, seed: int = 0) -> Path:
+    """A T5 encoder of random weights with a tokenizer for the shapes world's words, saved as a hub folder is."""
+    import transformers
+
+    words = ["a", "photo", "of", "red", "green", "blue", "circle", "square"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
+    tokenizer = transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
+    config = transformers.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, num_heads=2, num_layers=1, d_ff=32)
+    torch.manual_seed(seed)
+    transformers.T5EncoderModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def image_folder(root: Path, count: int) -> Path:
+    """`count` noise images in two aspect ratios, each with a caption file."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    colors = ["red", "green", "blue"]
+    for i in range(count):
+        w, h = (48, 40) if i % 3 else (40, 56)
+        pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:03d}.jpg")
+        (root / f"{i:03d}.txt").write_text(f"a photo of a {colors[i % 3]} {'circle' if i % 2 else 'square'}")
+    return root

@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +99,15 @@ def test_a_staged_config_is_timed_and_counted_one_stage_at_a_time():
     assert (first.data.resolution, first.train.batch_size, first.repa.weight) == (512, 1024, 0.5)
     assert (second.data.resolution, second.train.batch_size, second.repa.weight) == (1024, 512, 0.0)
     assert second.lpips.weight == 0.1 and second.data.shards == "data/prepared-1024" and not second.stages
+
+
+@pytest.mark.slow
+def test_the_memory_estimate_runs_without_a_gpu_and_sees_what_checkpointing_saves(tmp_path):
+    """benchmarks/memory_estimate.py --quick: FSDP2's memory tracker over a fake 4-rank group, no GPU."""
+    out = tmp_path / "estimate.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "memory_estimate.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    plain, checkpointed = json.loads(out.read_text())["cases"]
+    assert not plain["activation_checkpointing"] and checkpointed["activation_checkpointing"]
+    assert 0 < checkpointed["peak_bytes_per_gpu"] < plain["peak_bytes_per_gpu"]

@@ -1,13 +1,16 @@
-"""The same `pixrun train` on 1 process and on 2 under torchrun (gloo on CPU): DDP and FSDP2 train the same model
-as one process with the same global batch, and a 2-process checkpoint resumes in 1 process."""
+"""The same `pixrun train` on 1 process and on 2 or 4 under torchrun (gloo on CPU): DDP, FSDP2 and HSDP train the
+same model as one process with the same global batch, a 2-process checkpoint resumes in 1 process, and a run on
+prepared shards continues its data order on another world size."""
 
 import shutil
+from functools import partial
 
 import pytest
 import torch
 
 from pixrun.checkpoint import list_checkpoints, load_optimizer_tensors, load_tensors
-from tests.helpers import last_record_per_step, pixrun_command, run, torchrun_command
+from pixrun.data.prepare import PrepareOptions, prepare_dataset
+from tests.helpers import image_folder, last_record_per_step, pixrun_command, run, tiny_t5, torchrun_command
 
 pytestmark = pytest.mark.slow
 STEPS = ["train.steps=20", "train.checkpoint_every=10", "train.sample_every=20"]
@@ -60,3 +63,38 @@ def test_a_two_process_fsdp_checkpoint_resumes_in_one_process(one_process, tmp_p
     shutil.rmtree(list_checkpoints(copy)[-1])
     run(torchrun_command(2, copy, *STEPS, "parallel.strategy=fsdp", resume=True))
     assert_same_state(list_checkpoints(one_process)[-1], list_checkpoints(copy)[-1])
+
+
+def test_four_processes_train_the_same_model_as_one(one_process, tmp_path):
+    run_dir = tmp_path / "fsdp4"
+    run(torchrun_command(4, run_dir, *STEPS, "parallel.strategy=fsdp"), timeout=600)
+    assert_same_state(list_checkpoints(one_process)[-1], list_checkpoints(run_dir)[-1])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Two aspect-ratio buckets in shards of 4 images (enough shards for 4 partitions in each bucket), and a
+    pretrained text encoder to train with (the small one knows only the shapes world's words)."""
+    root = tmp_path_factory.mktemp("data")
+    options = PrepareOptions(resolution=32, patch_size=8, min_side=16, processes=1, chunk_size=4)
+    prepare_dataset(image_folder(root / "images", 96), root / "prepared", options)
+    return root / "prepared", tiny_t5(root / "t5")
+
+
+def test_a_shard_run_resumes_its_data_order_on_another_world_size(prepared, tmp_path):
+    """Stopped at step 10 on 2 processes, continued on 1 and on 4: each ends where one process running all 20
+    steps ends, so every step saw the same samples in the same rows."""
+    shards, encoder = prepared
+    data = [f"data.shards={shards}", "data.source=shards", "data.partitions=4", "data.num_workers=1",
+            f"text.encoder={encoder}", "text.dtype=float32"]
+    straight = tmp_path / "straight"
+    run(pixrun_command(straight, *STEPS, *data))
+    first_half = tmp_path / "two"
+    run(torchrun_command(2, first_half, "train.steps=10", "train.checkpoint_every=10", "train.sample_every=20",
+                         *data))
+    for processes in (1, 4):
+        resumed = tmp_path / f"on{processes}"
+        shutil.copytree(first_half, resumed)
+        command = pixrun_command if processes == 1 else partial(torchrun_command, processes)
+        run(command(resumed, *STEPS, *data, resume=True), timeout=600)
+        assert_same_state(list_checkpoints(straight)[-1], list_checkpoints(resumed)[-1])

@@ -118,13 +118,16 @@ def test_non_finite_losses_skip_their_step_and_too_many_stop_the_run(tiny_config
     trainer.pipeline.flow.loss = lambda *args: real_loss(*args) * float("nan")
     trainer.step(1)
     assert all(torch.equal(before[name], p) for name, p in trainer.params.items())
-    assert trainer.nonfinite_total == 1
+    assert int(trainer.nonfinite_total) == 1
     trainer.step(2)
+    trainer.check_health(2)  # two in a row: the run goes on
+    trainer.step(3)
     with pytest.raises(TrainingError, match="non-finite 3 steps in a row"):
-        trainer.step(3)
+        trainer.check_health(3)  # read on the next logging step
     trainer.pipeline.flow.loss = real_loss
-    trainer.nonfinite_in_row = 0
     trainer.step(4)
+    trainer.check_health(4)
+    assert int(trainer.nonfinite_total) == 3
     assert not all(torch.equal(before[name], p) for name, p in trainer.params.items())
 
 
@@ -150,11 +153,11 @@ def worker_pids(launcher: int, timeout: float = 30) -> list[int]:
 
 
 def test_sampling_needs_only_the_weights_of_a_checkpoint(tiny_config):
-    from pixrun.checkpoint import latest_good_checkpoint
+    from pixrun.checkpoint import SHARDED, latest_good_checkpoint
     from pixrun.pipeline import load_run
 
     config = tiny_config(train__steps=2, train__checkpoint_every=2, train__sample_every=100)
     Trainer(config).run()
-    shutil.rmtree(list_checkpoints(config.run_dir)[-1] / "optimizer")  # e.g. weights copied without the state
+    shutil.rmtree(list_checkpoints(config.run_dir)[-1] / SHARDED)  # e.g. weights copied without the state
     assert load_run(config.run_dir).generate(["a photo of a circle"]).shape == (1, 3, 32, 32)
     assert latest_good_checkpoint(config.run_dir, warn=lambda message: None) is None  # but training cannot resume

@@ -70,7 +70,7 @@ def test_count_equals_torch_flop_counter_on_the_real_forward_dense_and_routed():
         x, t, txt = torch.randn(1, 3, 32, 32), torch.rand(1), torch.randn(1, 5, 48)
     assert counted_by_torch(lambda: model(x, t, txt)) == training_flops(TINY, 32, 5).denoiser_forward
     routing = TokenRouting(enabled=True, fraction=0.5, start=1, end=-1)
-    plan = model.plan_routing(routing, 1, 16, torch.Generator().manual_seed(0), device="meta")
+    plan = model.plan_routing(routing, 16, [torch.Generator().manual_seed(0)], "meta")
     routed = counted_by_torch(lambda: model(x, t, txt, routing=plan))
     assert routed == training_flops(TINY, 32, 5, routing=routing).denoiser_forward
 

@@ -187,14 +187,22 @@ def test_embeddings_are_stored_beside_each_sample(tmp_path):
         calls.append(len(captions))
         return [np.full((3, 4), len(c), dtype=np.float32) for c in captions]
 
-    prepare_dataset(tmp_path / "src", tmp_path / "out", OPTIONS, embed=embed)
+    encoder = {"encoder": "org/t5", "encoder_class": "auto", "dtype": "bfloat16", "max_tokens": 32, "clean": "basic",
+               "class": "T5EncoderModel", "weights": "0123abcd"}
+    prepare_dataset(tmp_path / "src", tmp_path / "out", OPTIONS, embed=embed, text_encoder=encoder)
     samples = read_output(tmp_path / "out")
     for sample in samples.values():
         array = np.load(io.BytesIO(sample.members["emb.npy"]))
         assert array.dtype == np.float16 and array.shape == (3, 4)
         assert array[0, 0] == len(sample.members["txt"].decode())
     assert sum(calls) == len(good)
-    assert json.loads((tmp_path / "out" / "index.json").read_text())["embeddings"] is True
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["embeddings"] is True and index["text_encoder"] == encoder
+    # Embeddings say which encoder made them; another encoder's cannot be added to the same folder.
+    with pytest.raises(ValueError, match="embed and text_encoder go together"):
+        prepare_dataset(tmp_path / "src", tmp_path / "other", OPTIONS, embed=embed)
+    with pytest.raises(ValueError, match="other inputs or options"):
+        prepare_dataset(tmp_path / "src", tmp_path / "out", OPTIONS, embed, {**encoder, "weights": "ffff0000"})
 
 
 def test_prepare_resumes_without_redoing_finished_chunks(tmp_path, monkeypatch):

@@ -57,7 +57,7 @@ def test_tread_self_guidance_extrapolates_from_the_routed_model():
     routing = TokenRouting(enabled=True, fraction=0.5, start=1, end=-1)
     dense = model(x, t, txt, mask)
     assert torch.allclose(self_guided(model, routing, 1.0, seed=0)(x, t, txt, mask), dense, atol=1e-6)
-    plan = model.plan_routing(routing, 2, 16, torch.Generator().manual_seed(0))
+    plan = model.plan_routing(routing, 16, [torch.Generator().manual_seed(i) for i in range(2)], "cpu")
     routed = model(x, t, txt, mask, routing=plan)
     assert not torch.allclose(routed, dense, atol=1e-3)
     guided = self_guided(model, routing, 2.5, seed=0)(x, t, txt, mask)

@@ -165,9 +165,8 @@ def test_background_stays_far_from_every_shape_colour():
 def test_batch_shape_range_and_determinism():
     world = ShapesWorld(heldout=HELDOUT)
     images, captions = world.batch(seed=3, index=5, batch_size=8, resolution=32)
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and len(captions) == 8
-    assert images.min() >= -1 and images.max() <= 1
-    assert images.min() < -0.5 and images.max() > 0.5  # uses the range: dark channels, light background
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8 and len(captions) == 8
+    assert images.min() < 64 and images.max() > 191  # uses the range: dark channels, light background
 
     # Batch (seed, index) is the same whatever was drawn before, and in a fresh world.
     world.batch(seed=3, index=4, batch_size=8, resolution=32)
@@ -175,14 +174,26 @@ def test_batch_shape_range_and_determinism():
     again, again_captions = ShapesWorld(heldout=HELDOUT).batch(seed=3, index=5, batch_size=8, resolution=32)
     assert torch.equal(images, again) and captions == again_captions
 
-    # Any rows of it, rendered alone, are those rows of the whole batch (each rank renders only its own).
-    rows, row_captions = world.batch(seed=3, index=5, batch_size=8, resolution=32, rows=slice(2, 6))
-    assert torch.equal(rows, images[2:6]) and row_captions == captions[2:6]
-
     next_images, _ = world.batch(seed=3, index=6, batch_size=8, resolution=32)
     other_seed, _ = world.batch(seed=4, index=5, batch_size=8, resolution=32)
     for other in (next_images, other_seed):
         assert all(not torch.equal(a, b) for a, b in zip(images, other))
+
+
+def test_batch_rows_are_drawn_and_rendered_alone(monkeypatch):
+    world = ShapesWorld(heldout=HELDOUT)
+    images, captions = world.batch(seed=3, index=5, batch_size=8, resolution=32)
+    # Any rows of it, made alone, are those rows of the whole batch (each rank makes only its own).
+    rows, row_captions = world.batch(seed=3, index=5, batch_size=8, resolution=32, rows=slice(2, 6))
+    assert torch.equal(rows, images[2:6]) and row_captions == captions[2:6]
+    # Row i's scene is its own: the same in a smaller batch, and drawing it draws no other row's scene.
+    smaller, _ = world.batch(seed=3, index=5, batch_size=4, resolution=32)
+    assert torch.equal(smaller, images[:4])
+    drawn = []
+    real = world.sample_scene
+    monkeypatch.setattr(world, "sample_scene", lambda rng: drawn.append(rng) or real(rng))
+    world.batch(seed=3, index=5, batch_size=4096, resolution=32, rows=slice(1024, 1026))
+    assert len(drawn) == 2
 
 
 def test_task_weights_select_tasks():

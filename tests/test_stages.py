@@ -6,11 +6,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-import transformers
-from PIL import Image
 
 from pixrun.checkpoint import list_checkpoints, load_state
 from pixrun.cli import _caption_embedder
@@ -18,6 +14,7 @@ from pixrun.config import ConfigError
 from pixrun.data.prepare import PrepareOptions, prepare_dataset
 from pixrun.parallel import World
 from pixrun.train import build_source, train
+from tests.helpers import image_folder, tiny_t5
 from tests.test_faults import assert_identical
 from tests.test_prepare import OPTIONS as BAD_DATA_OPTIONS
 from tests.test_prepare import make_bad_data_folder
@@ -55,37 +52,15 @@ def test_stages_change_resolution_and_batch_and_resume_across_the_boundary(tiny_
         tiny_config(train__steps=8, stages=STAGES.replace("resolution: 32", "resolution: 24"))
 
 
-def tiny_t5(path):
-    words = ["a", "photo", "of", "red", "green", "blue", "circle", "square"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
-    tokenizer = transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
-    config = transformers.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, num_heads=2, num_layers=1, d_ff=32)
-    torch.manual_seed(0)
-    transformers.T5EncoderModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def image_folder(root, count):
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    colors = ["red", "green", "blue"]
-    for i in range(count):
-        w, h = (48, 40) if i % 3 else (40, 56)
-        pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"{i:03d}.jpg")
-        (root / f"{i:03d}.txt").write_text(f"a photo of a {colors[i % 3]} {'circle' if i % 2 else 'square'}")
-    return root
-
-
 @pytest.mark.parametrize("embeddings", [False, True])
 def test_training_on_prepared_shards_resumes_without_repeating_or_skipping(tiny_config, tmp_path, embeddings):
     encoder = str(tiny_t5(tmp_path / "t5"))
     options = PrepareOptions(resolution=32, patch_size=8, min_side=16, processes=1)
-    embed = _caption_embedder(encoder, 32) if embeddings else None
-    report = prepare_dataset(image_folder(tmp_path / "images", 40), tmp_path / "prepared", options, embed)
+    embed, identity = _caption_embedder(encoder, 32, "float32") if embeddings else (None, None)
+    report = prepare_dataset(image_folder(tmp_path / "images", 40), tmp_path / "prepared", options, embed, identity)
     assert report.kept == 40
     common = {"data__source": "shards", "data__shards": str(tmp_path / "prepared"), "data__num_workers": 0,
+              "data__partitions": 1,
               "text__encoder": encoder, "text__dtype": "float32", "train__steps": 6, "train__batch_size": 4,
               "train__checkpoint_every": 2, "train__keep_checkpoints": 10, "train__sample_every": 100}
     straight = tiny_config("straight", **common)
@@ -110,7 +85,8 @@ def test_prepare_and_train_complete_on_the_bad_data_corpus(tiny_config, tmp_path
     data[member.offset_data : member.offset_data + member.size] = b"\0" * member.size
     shard.write_bytes(bytes(data))
     config = tiny_config(data__source="shards", data__shards=str(tmp_path / "prepared"), data__num_workers=0,
-                         data__resolution=64, text__encoder=str(tiny_t5(tmp_path / "t5")), text__dtype="float32",
+                         data__partitions=1, data__resolution=64, text__encoder=str(tiny_t5(tmp_path / "t5")),
+                         text__dtype="float32",
                          train__steps=6, train__batch_size=2, train__sample_every=100)
     train(config)
     records = [json.loads(line) for line in Path(config.run_dir, "metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,8 @@ import torch
 from pixrun.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer_tensors, load_tensors
 from pixrun.config import ConfigError
 from pixrun.pipeline import load_run
-from pixrun.train import train
+from pixrun.train import Trainer, train
+from tests.helpers import HostReads
 
 
 def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tiny_config):
@@ -72,3 +73,20 @@ def test_quality_metrics_during_training_are_logged(tiny_config):
     assert [r["step"] for r in records] == [2]
     assert {"fid", "kid", "mse_t0.0-0.3", "mse_t0.6-1.0"} <= set(records[0])
     assert all(math.isfinite(v) and v >= 0 for k, v in records[0].items() if k not in ("step", "time", "kid"))
+
+
+@pytest.mark.parametrize("extra", [{}, {"tread__enabled": "true", "model__depth": 3}], ids=["plain", "tread"])
+def test_an_ordinary_step_never_reads_the_device(tiny_config, extra):
+    """No .item(), .cpu(), bool(tensor)... in a step that is not a logging step, even one that skips a non-finite
+    update: on a GPU each would stall the host until the device caught up."""
+    trainer = Trainer(tiny_config(train__steps=10, **extra))
+    trainer.step(0)
+    with HostReads() as reads:
+        trainer.step(1)
+        real_loss = trainer.pipeline.flow.loss
+        trainer.pipeline.flow.loss = lambda *args: real_loss(*args) * float("nan")
+        trainer.step(2)
+    trainer.pipeline.flow.loss = real_loss
+    assert reads.calls == []
+    assert int(trainer.nonfinite_total) == 1
+

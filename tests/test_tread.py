@@ -1,9 +1,13 @@
 import pytest
 import torch
 
-from pixrun.model import Denoiser, ModelConfig, RoutePlan, TokenRouting, rope_angles
+from pixrun.model import Denoiser, ModelConfig, RoutePlan, TokenRouting
 
 TINY = {"width": 64, "depth": 4, "heads": 4, "axes_dim": [8, 8], "patch_size": 8, "bottleneck": 32, "context_dim": 48}
+
+
+def generators(batch: int, seed: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(batch)]
 
 
 def random_model(**overrides) -> Denoiser:
@@ -33,18 +37,18 @@ def test_recipe_routes_from_the_second_to_the_penultimate_block():
 
 def test_kept_index_is_sorted_distinct_per_sample_and_reproducible():
     model = random_model()
-    plan = model.plan_routing(TokenRouting(fraction=0.5), 8, 16, torch.Generator().manual_seed(3))
+    plan = model.plan_routing(TokenRouting(fraction=0.5), 16, generators(8, 3), "cpu")
     assert plan.kept_index.shape == (8, 8)
     assert (plan.kept_index.diff(dim=1) > 0).all()  # sorted, hence distinct
     assert len({tuple(row.tolist()) for row in plan.kept_index}) > 1  # chosen per sample
-    again = model.plan_routing(TokenRouting(fraction=0.5), 8, 16, torch.Generator().manual_seed(3))
+    again = model.plan_routing(TokenRouting(fraction=0.5), 16, generators(8, 3), "cpu")
     assert torch.equal(plan.kept_index, again.kept_index)
 
 
 def test_fraction_zero_equals_dense():
     model = random_model()
     x, t, txt, mask = inputs()
-    plan = model.plan_routing(TokenRouting(fraction=0.0), 2, 16, torch.Generator().manual_seed(0))
+    plan = model.plan_routing(TokenRouting(fraction=0.0), 16, generators(2, 0), "cpu")
     with torch.no_grad():
         assert torch.allclose(model(x, t, txt, mask, routing=plan), model(x, t, txt, mask), atol=1e-6)
 
@@ -52,7 +56,7 @@ def test_fraction_zero_equals_dense():
 def test_routed_tokens_skip_the_routed_blocks_and_come_back_in_place():
     model = random_model()  # depth 4: blocks 1 and 2 are routed
     x, t, txt, mask = inputs()
-    plan = model.plan_routing(TokenRouting(fraction=0.5), 2, 16, torch.Generator().manual_seed(0))
+    plan = model.plan_routing(TokenRouting(fraction=0.5), 16, generators(2, 0), "cpu")
     seen = {}
     model.blocks[0].register_forward_hook(lambda m, args, out: seen.update(before=out))
     model.blocks[1].register_forward_pre_hook(lambda m, args: seen.update(routed_in=args[0], rope=args[3]))
@@ -61,7 +65,9 @@ def test_routed_tokens_skip_the_routed_blocks_and_come_back_in_place():
         out = model(x, t, txt, mask, routing=plan)
     assert out.shape == x.shape
     assert seen["routed_in"].shape == (2, 8, 64)
-    assert torch.equal(seen["rope"][:, 0], rope_angles(4, 4, [8, 8], 10000.0, "cpu")[plan.kept_index])
+    cos, sin = model.rope(4, 4, torch.device("cpu"))
+    routed_cos, routed_sin = seen["rope"]
+    assert torch.equal(routed_cos[:, 0], cos[plan.kept_index]) and torch.equal(routed_sin[:, 0], sin[plan.kept_index])
     for b in range(2):
         kept = torch.zeros(16, dtype=torch.bool)
         kept[plan.kept_index[b]] = True
@@ -84,7 +90,7 @@ def test_kept_tokens_see_only_each_other_at_their_own_positions():
 def test_gradients_reach_every_parameter_through_a_routed_forward():
     model = random_model()
     x, t, txt, mask = inputs()
-    plan = model.plan_routing(TokenRouting(fraction=0.5), 2, 16, torch.Generator().manual_seed(0))
+    plan = model.plan_routing(TokenRouting(fraction=0.5), 16, generators(2, 0), "cpu")
     model(x, t, txt, mask, routing=plan).square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -92,6 +98,6 @@ def test_gradients_reach_every_parameter_through_a_routed_forward():
 
 def test_plan_tells_which_tokens_each_block_sees():
     model = random_model()
-    plan = model.plan_routing(TokenRouting(), 2, 16, torch.Generator().manual_seed(0))
+    plan = model.plan_routing(TokenRouting(), 16, generators(2, 0), "cpu")
     assert plan.tokens_at(0) is None and plan.tokens_at(3) is None
     assert plan.tokens_at(1) is plan.kept_index and plan.tokens_at(2) is plan.kept_index

@@ -1,16 +1,20 @@
 """Checkpoints: tensors in safetensors, everything else in JSON; nothing is ever unpickled.
 
     RUN/checkpoints/step_0001000/
+        sharded/                the training state as the ranks hold it: one torch.distributed.checkpoint (DCP)
+                                state in safetensors files, one per rank ("shard-NNNNN-model-00001-of-00001"; a
+                                rank with nothing to write after DCP's deduplication of replicas writes none):
+                                "model.{param}", "ema.{param}", "optimizer.{param}.{slot}", "counters.{name}";
+                                each rank writes and reads only its own shards, and it loads onto any world size
         weights.safetensors     trainable weights, whole ("denoiser.*", "text_encoder.*"): what sample, eval and
-                                export read, and what every rank loads its shard from on resume
+                                export read; rank 0 alone assembles them from sharded/, one tensor at a time
         ema.safetensors         their EMA, same keys
-        optimizer/              optimizer state as each rank holds it, through torch.distributed.checkpoint in
-                                safetensors files ("state.{param name}.{slot}"); loads onto any world size
-        state.json              step, EMA update count, data position, world size (written last)
+        state.json              step, data position, world size, the files of sharded/ (rank 0, written last)
 
-A checkpoint is written to a temporary folder and renamed into place, so a folder with a step name is complete.
-On resume each candidate is checked (every file present, every safetensors file as long as its header says);
-a damaged latest checkpoint is reported and the one before it used.
+A checkpoint is written to a temporary folder and renamed into place, so a folder with a step name is complete;
+with async_save the ranks write sharded/ in the background and `wait()` completes the folder. Rank 0 alone
+chooses the checkpoint to resume (every file present, every safetensors file as long as its header says; a damaged
+latest checkpoint is reported and the one before it used) and tells the other ranks.
 """
 
 import json
@@ -18,20 +22,30 @@ import os
 import shutil
 import struct
 import warnings
-from contextlib import contextmanager
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from pixrun.config import ConfigError
+from pixrun.parallel import World
 
 STEP_PREFIX = "step_"
+SHARDED = "sharded"
 FILES = ("weights.safetensors", "ema.safetensors", "state.json")
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -52,19 +66,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def damage(path: Path, optimizer: bool = True) -> str | None:
-    """Why a checkpoint folder cannot be loaded (to resume training, or with optimizer=False only its weights),
-    or None when it looks whole."""
+    """Why a checkpoint folder cannot be loaded (to resume training, or with optimizer=False only its whole
+    weights), or None when it looks whole."""
     for name in FILES:
         if not (path / name).is_file():
             return f"{name} is missing"
     try:
-        json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text())
     except (ValueError, UnicodeDecodeError):
         return "state.json is not valid JSON"
-    shards = sorted((path / "optimizer").glob("*.safetensors")) if optimizer else []
-    if optimizer and not shards:
-        return "optimizer/ holds no state"
-    for file in [path / "weights.safetensors", path / "ema.safetensors", *shards]:
+    files = [path / "weights.safetensors", path / "ema.safetensors"]
+    if optimizer:
+        shards = state.get("sharded_files") or []
+        if not shards:
+            return "state.json lists no sharded state"
+        files += [path / SHARDED / name for name in shards]
+    for file in files:
+        if not file.is_file():
+            return f"{file.relative_to(path)} is missing"
         problem = _safetensors_damage(file)
         if problem:
             return f"{file.relative_to(path)}: {problem}"
@@ -80,6 +99,40 @@ def latest_good_checkpoint(run_dir: Path, warn=print, optimizer: bool = True) ->
     return None
 
 
+def choose_resume(run_dir: Path, resume: str | None, world: World) -> Path | None:
+    """The checkpoint to resume from, chosen by rank 0 and sent to every rank (which never scan on their own).
+    None: a fresh run (the run folder must have no checkpoints); "auto": the latest good checkpoint if any;
+    "latest": it must exist; else a checkpoint folder. Raises ConfigError on every rank when rank 0 refuses."""
+    choice: list[str | None] = [None, None]  # the folder, or the reason to refuse
+    if world.is_main:
+        try:
+            found = _resume_point(Path(run_dir), resume)
+            choice[0] = None if found is None else str(found)
+        except ConfigError as e:
+            choice[1] = str(e)
+    if world.size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[1] is not None:
+        raise ConfigError(choice[1])
+    return None if choice[0] is None else Path(choice[0])
+
+
+def _resume_point(run_dir: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        if list_checkpoints(run_dir):
+            raise ConfigError(f"{run_dir} already has checkpoints: pass --resume, or set run_dir to a new folder")
+        return None
+    if resume in ("auto", "latest"):
+        found = latest_good_checkpoint(run_dir)
+        if found is None and resume == "latest":
+            raise ConfigError(f"nothing to resume: {run_dir} has no usable checkpoint")
+        return found
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise ConfigError(f"{path} is not a checkpoint folder")
+    return path
+
+
 def load_state(path: Path) -> dict:
     return json.loads((Path(path) / "state.json").read_text())
 
@@ -90,83 +143,192 @@ def load_tensors(path: Path, name: str, device="cpu") -> dict[str, torch.Tensor]
 
 
 def load_optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The optimizer state of a checkpoint as whole tensors, read in one process (for inspection and tests)."""
-    parts: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
-    for shard in sorted((Path(path) / "optimizer").glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            offsets = json.loads((f.metadata() or {}).get("DCP_SHARDING_INFO", "{}"))
-            for key in f.keys():  # noqa: SIM118 - a safetensors file is not iterable
-                parts.setdefault(key, []).append((offsets.get(key, {}).get("saved_offsets", []), f.get_tensor(key)))
-    tensors = {}
-    for key, pieces in parts.items():
-        first = pieces[0][1]
-        shape = [max(o[d] + p.shape[d] for o, p in pieces) for d in range(first.dim())] if first.dim() else []
-        whole = torch.empty(shape, dtype=first.dtype)
-        for offset, piece in pieces:
-            whole[tuple(slice(o, o + n) for o, n in zip(offset, piece.shape))] = piece
-        tensors[key] = whole
-    return tensors
+    """The optimizer state of a checkpoint as whole tensors ("{param}.{slot}"), read in one process (for
+    inspection and tests)."""
+    prefix = "optimizer."
+    with _ShardReader(Path(path) / SHARDED) as shards:
+        return {key[len(prefix):]: shards.whole(key) for key in shards.keys() if key.startswith(prefix)}
+
+
+@dataclass
+class _PendingSave:
+    tmp: Path
+    final: Path
+    state: dict
+    written: Future | None  # this rank's part of sharded/ (async), then on rank 0 the whole weights
 
 
 class Checkpointer:
-    """Saves and restores one run's trainable weights, their EMA and the optimizer, on one rank or many.
+    """Saves and restores one run's trained modules, their EMA, the optimizer and counter tensors, on one rank or
+    many; each rank writes and reads only its own shards.
 
-    `params` are the trainable parameters by name (plain tensors, or DTensors when sharded); `modules` maps the
-    name prefixes ("denoiser", "text_encoder") to the modules owning them, so optimizer state is keyed by name.
+    `model` maps owner names ("denoiser", "text_encoder", ...) to the trained modules (FSDP2-sharded or not);
+    `ema_model` holds their EMA with the same parameter names, sharded the same way; `world` has rank, size,
+    is_main and barrier() (pixrun.parallel.World). With `async_save`, `save` returns once this rank's shards are
+    copied to host memory and they are written in the background; `wait()` completes a pending checkpoint (call it
+    before exiting; `save` calls it first). `whole_tensor_bytes` counts the bytes of whole tensors this rank has
+    materialised (rank 0 only, one tensor at a time).
     """
 
-    def __init__(self, run_dir: Path, params: dict[str, nn.Parameter], modules: dict[str, nn.Module],
-                 optimizer: torch.optim.Optimizer, is_main: bool, barrier, keep: int):
+    def __init__(self, run_dir: Path, model: nn.ModuleDict, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
+                 world: World, keep: int, async_save: bool = False):
         self.run_dir = Path(run_dir)
-        self.params = params
-        self.owner = nn.ModuleDict(modules)
+        self.model = model
+        self.ema_model = ema_model
         self.optimizer = optimizer
-        self.is_main = is_main
-        self.barrier = barrier
+        self.world = world
         self.keep = keep
+        self.async_save = async_save
+        self.whole_tensor_bytes = 0
+        self.pending: _PendingSave | None = None
+        self.distributed = dist.is_initialized()
+        # the background writes synchronise over their own gloo group: collectives of two threads on one group
+        # could interleave, and DCP's async save needs a CPU backend even when training runs on NCCL
+        self.async_group = dist.new_group(backend="gloo") if async_save and self.distributed else None
+        ema_names = [name for name, _ in ema_model.named_parameters()]
+        if ema_names != [name for name, _ in model.named_parameters()]:
+            raise ValueError("ema_model must have the parameters of model, by the same names")
 
-    def save(self, step: int, ema: dict[str, torch.Tensor], state: dict) -> Path:
+    def save(self, step: int, counters: dict[str, torch.Tensor], state: dict) -> Path:
+        """Writes checkpoint `step` (with async_save, completed by the next `wait()`); returns its folder."""
+        self.wait()
         root = checkpoint_dir(self.run_dir)
         final = root / f"{STEP_PREFIX}{step:07d}"
         tmp = root / f".tmp-{final.name}"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if self.world.is_main:
+            for unfinished in root.glob(".tmp-*"):  # left by a run that stopped while saving
+                shutil.rmtree(unfinished)
             tmp.mkdir(parents=True)
-        self.barrier()
-        weights = {name: whole_tensor(p.detach()) for name, p in self.params.items()}
-        if self.is_main:
-            save_file(weights, tmp / "weights.safetensors")
-        del weights
-        ema_whole = {name: whole_tensor(t) for name, t in ema.items()}
-        if self.is_main:
-            save_file(ema_whole, tmp / "ema.safetensors")
-        del ema_whole
-        optimizer_state = _flatten(get_optimizer_state_dict(self.owner, self.optimizer)["state"])
+        self.world.barrier()
+        writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True)
+        tensors = self._state_dict(counters, get_optimizer_state_dict(self.model, self.optimizer))
         with _single_process_quiet():
-            dcp.save(optimizer_state, storage_writer=dcp.HuggingFaceStorageWriter(
-                str(tmp / "optimizer"), save_distributed=True), no_dist=not dist.is_initialized())
-        self.barrier()
-        if self.is_main:
-            (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in list_checkpoints(self.run_dir)[:-self.keep]:
-                shutil.rmtree(old)
-        self.barrier()
+            if self.async_save:
+                written = dcp.async_save(tensors, storage_writer=writer, process_group=self.async_group,
+                                         no_dist=not self.distributed)
+            else:
+                dcp.save(tensors, storage_writer=writer, no_dist=not self.distributed)
+                written = None
+        if self.world.is_main:  # the whole weights need every rank's shards on disk first
+            executor = ThreadPoolExecutor(1)
+            names = [name for name, _ in self.model.named_parameters()]
+            written = executor.submit(self._write_whole_weights, tmp, names, written)
+            executor.shutdown(wait=False)
+        self.pending = _PendingSave(tmp, final, {**state, "step": step}, written)
+        if not self.async_save:
+            self.wait()
         return final
 
-    def load(self, path: Path, ema: dict[str, torch.Tensor]) -> dict:
-        """Weights and EMA into this rank's shards, optimizer state resharded to this world; returns state.json."""
-        _load_into(self.params, load_tensors(path, "weights"))
-        _load_into(ema, load_tensors(path, "ema"))
-        template = get_optimizer_state_dict(self.owner, self.optimizer)  # also allocates the optimizer's state
-        flat = _flatten(template["state"])
+    def wait(self) -> Path | None:
+        """Completes the pending checkpoint, if any (every rank must call this): waits for its files, then rank 0
+        writes state.json, renames the folder into place and removes the oldest beyond `keep`."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        if pending.written is not None:
+            pending.written.result()
+        self.world.barrier()
+        if self.world.is_main:
+            shards = sorted(p.name for p in (pending.tmp / SHARDED).glob("*.safetensors"))
+            (pending.tmp / "state.json").write_text(json.dumps({**pending.state, "sharded_files": shards}, indent=1))
+            shutil.rmtree(pending.final, ignore_errors=True)
+            os.replace(pending.tmp, pending.final)
+            for old in list_checkpoints(self.run_dir)[:-self.keep]:
+                shutil.rmtree(old)
+        self.world.barrier()
+        return pending.final
+
+    def load(self, path: Path, counters: dict[str, torch.Tensor]) -> dict:
+        """Weights, EMA, optimizer state and `counters` (in place) from this rank's part of the checkpoint,
+        resharded to this world; returns its state.json."""
+        template = get_optimizer_state_dict(self.model, self.optimizer)  # also allocates the optimizer's state
+        tensors = self._state_dict(counters, template)
         with _single_process_quiet():
-            dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(Path(path) / "optimizer")),
-                     no_dist=not dist.is_initialized())
-        set_optimizer_state_dict(self.owner, self.optimizer,
-                                 {"state": _unflatten(flat), "param_groups": template["param_groups"]})
+            dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(Path(path) / SHARDED)),
+                     no_dist=not self.distributed)
+        state = {key[len("optimizer."):]: value for key, value in tensors.items() if key.startswith("optimizer.")}
+        set_optimizer_state_dict(self.model, self.optimizer,
+                                 {"state": _unflatten(state), "param_groups": template["param_groups"]})
         return load_state(path)
+
+    def _state_dict(self, counters: dict[str, torch.Tensor], optimizer_state: dict) -> dict[str, torch.Tensor]:
+        """The one DCP state, flat: every value a tensor (or DTensor), so DCP writes nothing but safetensors."""
+        return {
+            **{f"model.{name}": p.detach() for name, p in self.model.named_parameters()},
+            **{f"ema.{name}": p.detach() for name, p in self.ema_model.named_parameters()},
+            **{f"optimizer.{name}.{slot}": torch.as_tensor(value) for name, slots in optimizer_state["state"].items()
+               for slot, value in slots.items()},
+            **{f"counters.{name}": value for name, value in counters.items()},
+        }
+
+    def _write_whole_weights(self, tmp: Path, names: list[str], written: Future | None) -> None:
+        """Rank 0: weights.safetensors and ema.safetensors, each tensor assembled from the shard files in turn."""
+        if written is not None:
+            written.result()
+        with _ShardReader(tmp / SHARDED) as shards:
+            for file, prefix in (("weights", "model."), ("ema", "ema.")):
+                layout = {name: (shards.dtype(prefix + name), shards.size(prefix + name)) for name in names}
+                _stream_safetensors(tmp / f"{file}.safetensors", layout,
+                                    (self._counted(shards.whole(prefix + name)) for name in names))
+
+    def _counted(self, whole: torch.Tensor) -> torch.Tensor:
+        self.whole_tensor_bytes += whole.nbytes
+        return whole
+
+
+class _ShardReader:
+    """A DCP folder's safetensors shards, open for reading whole tensors in one process."""
+
+    def __init__(self, folder: Path):
+        self.metadata = dcp.HuggingFaceStorageReader(str(folder)).read_metadata()
+        self.pieces: dict[str, list[tuple[torch.Size, str]]] = {}
+        for index, stored in self.metadata.storage_data.items():
+            self.pieces.setdefault(index.fqn, []).append((index.offset, stored.relative_path))
+        self.stack = ExitStack()
+        self.files = {}
+
+    def __enter__(self) -> "_ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def keys(self) -> list[str]:
+        return list(self.pieces)
+
+    def size(self, key: str) -> torch.Size:
+        return self.metadata.state_dict_metadata[key].size
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.metadata.state_dict_metadata[key].properties.dtype
+
+    def whole(self, key: str) -> torch.Tensor:
+        whole = torch.empty(self.size(key), dtype=self.dtype(key))
+        for offset, file in self.pieces[key]:
+            if file not in self.files:
+                self.files[file] = self.stack.enter_context(safe_open(file, "pt"))
+            piece = self.files[file].get_tensor(key)
+            whole[tuple(slice(o, o + n) for o, n in zip(offset, piece.shape))] = piece
+        return whole
+
+
+def _stream_safetensors(path: Path, layout: dict[str, tuple[torch.dtype, torch.Size]],
+                        tensors: Iterable[torch.Tensor]) -> None:
+    """A safetensors file written one tensor at a time (the header first, from `layout`: each name's dtype and
+    size), so only one tensor is ever in memory; `tensors` yields them in the order of `layout`."""
+    header, start = {}, 0
+    for name, (dtype, size) in layout.items():
+        end = start + size.numel() * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(size), "data_offsets": [start, end]}
+        start = end
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for (name, (dtype, size)), tensor in zip(layout.items(), tensors, strict=True):
+            if (tensor.dtype, tensor.shape) != (dtype, size):
+                raise ValueError(f"{name}: {tensor.dtype} {list(tensor.shape)}, declared {dtype} {list(size)}")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 @contextmanager
@@ -177,35 +339,10 @@ def _single_process_quiet():
         yield
 
 
-def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The full tensor on the CPU (gathered across ranks when sharded; every rank must call this)."""
-    if isinstance(tensor, DTensor):
-        tensor = tensor.full_tensor()
-    return tensor.detach().contiguous().cpu()
-
-
-@torch.no_grad()
-def _load_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
-    missing = sorted(set(targets) - set(tensors))
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
-    for name, target in targets.items():
-        source = tensors[name]
-        if isinstance(target, DTensor):  # every rank holds the whole tensor, so each cuts its own shard
-            source = distribute_tensor(source.to(target.device), target.device_mesh, target.placements,
-                                       src_data_rank=None)
-        target.copy_(source)
-
-
-def _flatten(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {f"state.{name}.{slot}": torch.as_tensor(value) for name, slots in state.items()
-            for slot, value in slots.items()}
-
-
 def _unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        name, slot = key[len("state."):].rsplit(".", 1)
+        name, slot = key.rsplit(".", 1)
         state.setdefault(name, {})[slot] = value
     return state
 

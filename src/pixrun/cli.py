@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p_prepare.add_argument("--text-encoder", default=None, metavar="HUB_ID|PATH",
                            help="store each caption's embeddings by this frozen encoder beside the sample")
     p_prepare.add_argument("--max-tokens", type=int, default=256)
+    p_prepare.add_argument("--text-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                           help="the encoder's weights while embedding: train with the same text.dtype")
 
     from pixrun.bench import add_arguments as add_bench_arguments
 
@@ -211,32 +213,34 @@ def cmd_data(args) -> int:
     from pixrun.data.prepare import PrepareOptions, prepare_dataset
 
     options = options_from(PrepareOptions, args.options, "prepare")
-    embed = None
+    embed = identity = None
     if args.text_encoder:
-        embed = _caption_embedder(args.text_encoder, args.max_tokens)
+        embed, identity = _caption_embedder(args.text_encoder, args.max_tokens, args.text_dtype)
     try:
-        report = prepare_dataset(args.src, args.out, options, embed)
+        report = prepare_dataset(args.src, args.out, options, embed, identity)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(report.summary())
     return 0
 
 
-def _caption_embedder(encoder: str, max_tokens: int):
-    """Captions -> one float16 array (tokens, dim) each, without padding, by a frozen pretrained encoder."""
+def _caption_embedder(encoder: str, max_tokens: int, dtype: str = "bfloat16"):
+    """Captions -> one float16 array (tokens, dim) each, without padding, by a frozen pretrained encoder; and the
+    encoder's identity, which the index records so that training with another encoder is refused."""
     import torch
 
     from pixrun.pipeline import resolve_device
     from pixrun.text import TextConfig, TextTower
 
-    tower = TextTower.build(TextConfig(encoder=encoder, max_tokens=max_tokens), []).to(resolve_device("auto"))
+    config = TextConfig(encoder=encoder, max_tokens=max_tokens, dtype=dtype)
+    tower = TextTower.build(config, []).to(resolve_device("auto"))
 
     @torch.no_grad()
     def embed(captions: list[str]) -> list:
         states, mask = tower(captions)
         return [s[m].to(torch.float16).cpu().numpy() for s, m in zip(states, mask)]
 
-    return embed
+    return embed, tower.identity()
 
 
 def cmd_bench(args) -> int:

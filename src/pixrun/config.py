@@ -38,10 +38,22 @@ class DataConfig:
     shard_url: str | None = None  # e.g. "pipe:curl -sL https://host/data/{path}" for shards behind a URL
     num_workers: int = 2  # loader processes per rank
     shuffle_shards: int = 4  # samples are shuffled within groups of this many shards
+    partitions: int = 64  # canonical partitions of the shards (docs/data.md): world sizes and batches divide it
     kinds: list[str] = field(default_factory=lambda: ["circle", "square", "triangle", "cross"])
     colors: list[str] = field(default_factory=lambda: ["red", "orange", "yellow", "green", "blue", "purple"])
     heldout: list[str] = field(default_factory=lambda: ["purple triangle", "orange circle"])  # never trained on
     task_weights: dict[str, float] | None = None  # None: the six tasks equally
+
+    def validate(self, global_batches: list[int]) -> None:
+        """`global_batches`: each stage's. Shards need every global batch to take as many samples from each
+        partition; the world size is checked against data.partitions when the source is made."""
+        if self.partitions < 1:
+            raise ValueError(f"data.partitions must be at least 1, got {self.partitions}")
+        if self.source == "shards":
+            for batch in global_batches:
+                if batch % self.partitions:
+                    raise ValueError(f"data.partitions ({self.partitions}) must divide the global batch ({batch}): "
+                                     "every partition gives each batch as many samples")
 
 
 @dataclass
@@ -57,7 +69,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     metrics_every: int = 0  # FID/KID/CMMD/DINO-MMD and MSE by t on the EMA model every N steps; 0 = never
-    max_nonfinite_in_row: int = 20  # a non-finite loss skips its step; this many in a row stop the run
+    max_nonfinite_in_row: int = 20  # a non-finite loss skips its step; this many in a row stop the run (checked on logging steps)
+    async_checkpoint: bool = False  # write checkpoints in the background while training goes on
 
 
 @dataclass
@@ -122,6 +135,7 @@ class Config:
             self.flow.validate()
             self.sample.validate()
             self.parallel.validate()
+            self.data.validate([stage.batch_size for stage in self.stage_plan()])
             self.optim.validate()
             self.metrics.validate()
             for loss in (self.lpips, self.pdino, self.repa):

@@ -57,10 +57,11 @@ class Flow:
 
     def sample_t(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         c = self.config
-        t = torch.sigmoid(c.t_mu + c.t_sigma * torch.randn(n, generator=generator))
+        device = generator.device if generator is not None else None
+        t = torch.sigmoid(c.t_mu + c.t_sigma * torch.randn(n, generator=generator, device=device))
         t = shift_time(t, c.t_shift)
-        uniform = torch.rand(n, generator=generator)
-        use_uniform = torch.rand(n, generator=generator) < c.uniform_fraction
+        uniform = torch.rand(n, generator=generator, device=device)
+        use_uniform = torch.rand(n, generator=generator, device=device) < c.uniform_fraction
         return torch.where(use_uniform, uniform, t)
 
     def noise_scale(self, like: torch.Tensor) -> float:

@@ -5,6 +5,10 @@ Image patches are the queries of every block; keys and values are [text ; image]
 adaLN modulation. Parameter names and shapes follow diffusers' `PRXTransformer2DModel`, so a trained state dict
 loads there unchanged.
 
+What does not change from block to block is made once per forward: the text padding mask, as an additive bias in
+the form the fused attention kernels take (None when nothing is padded, so CUDA's flash kernel can run), and RoPE's
+cos and sin, which are cached per grid size and device.
+
 TREAD (token routing): given a `RoutePlan`, only the image tokens in `plan.kept_index` go through the blocks in
 `plan.blocks`; the others skip them and are put back at their own positions after the last of them. A forward hook
 on `blocks[i]` therefore sees (B, N_kept, width) hidden states, ordered as `plan.kept_index`, for i in
@@ -103,22 +107,37 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float, scale: floa
 
 
 def rope_angles(grid_h: int, grid_w: int, axes_dim: list[int], theta: float, device) -> torch.Tensor:
-    """Rotation angles (tokens, head_dim / 2) for a row-major grid: first axis = row, second = column."""
+    """Rotation angles (tokens, head_dim / 2) in float64 for a row-major grid: first axis = row, second = column."""
     rows = torch.arange(grid_h, device=device, dtype=torch.float64).repeat_interleave(grid_w)
     cols = torch.arange(grid_w, device=device, dtype=torch.float64).repeat(grid_h)
     parts = []
     for pos, dim in zip((rows, cols), axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
         parts.append(pos[:, None] * omega[None])
-    return torch.cat(parts, dim=-1).float()
+    return torch.cat(parts, dim=-1)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim by `angles`."""
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of the last dim by the angles whose (cos, sin) is `rope`."""
+    cos, sin = rope
     xf = x.float().unflatten(-1, (-1, 2))
-    cos, sin = angles.cos(), angles.sin()
     x0, x1 = xf[..., 0], xf[..., 1]
     return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
+
+
+def attention_bias(txt_mask: torch.Tensor | None, num_img: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The text padding mask as an additive bias over the keys [text ; image]: -inf at padded text tokens, 0 elsewhere,
+    shape (B, 1, 1, L_txt + num_img). None for no mask: every key is visible.
+
+    Each row is allocated to a multiple of 8 elements, the stride CUDA's memory-efficient kernel needs (it would
+    otherwise pad a copy in every block); a block that sees fewer image tokens (TREAD) takes a prefix of it."""
+    if txt_mask is None:
+        return None
+    b, l_txt = txt_mask.shape
+    keys = l_txt + num_img
+    bias = torch.zeros(b, 1, 1, -(-keys // 8) * 8, dtype=dtype, device=txt_mask.device)[..., :keys]
+    bias[..., :l_txt].masked_fill_(~txt_mask.bool()[:, None, None, :], float("-inf"))
+    return bias
 
 
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -144,10 +163,11 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.RMSNorm):
-    """Computed in fp32 also under bf16 autocast, as diffusers' RMSNorm does."""
+    """Computed in fp32 also under bf16 autocast, as diffusers' RMSNorm does. The weight goes up to fp32 too (FSDP2
+    gathers it in bf16): with mismatched dtypes torch falls back from its fused kernel to a composite one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).type_as(x)
 
 
 class Attention(nn.Module):
@@ -164,18 +184,14 @@ class Attention(nn.Module):
         self.norm_added_k = RMSNorm(head_dim, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(width, width, bias=False)])
 
-    def forward(self, img, txt, rope, txt_mask):
+    def forward(self, img, txt, rope, attn_bias):
         b, n_img, _ = img.shape
         q, k, v = self.img_qkv_proj(img).view(b, n_img, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
         txt_k, txt_v = self.txt_kv_proj(txt).view(b, txt.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         k = torch.cat([self.norm_added_k(txt_k), k], dim=2)
         v = torch.cat([txt_v, v], dim=2)
-        mask = None
-        if txt_mask is not None:  # padding mask over text keys; image keys are always visible
-            mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(b, n_img, dtype=torch.bool)], dim=1)
-            mask = mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
         return self.to_out[0](out.transpose(1, 2).reshape(b, n_img, -1))
 
 
@@ -202,10 +218,10 @@ class Block(nn.Module):
         self.down_proj = nn.Linear(hidden, width, bias=False)
         self.modulation = Modulation(width)
 
-    def forward(self, img, txt, vec, rope, txt_mask):
+    def forward(self, img, txt, vec, rope, attn_bias):
         attn_shift, attn_scale, attn_gate, mlp_shift, mlp_scale, mlp_gate = self.modulation(vec)
         x = (1 + attn_scale) * self.img_pre_norm(img) + attn_shift
-        img = img + attn_gate * self.attention(x, txt, rope, txt_mask)
+        img = img + attn_gate * self.attention(x, txt, rope, attn_bias)
         x = (1 + mlp_scale) * self.post_attention_layernorm(img) + mlp_shift
         return img + mlp_gate * self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
@@ -247,6 +263,8 @@ class Denoiser(nn.Module):
         self.resolution_embedder = ResolutionEmbedder(c.width, c.time_max_period) if c.resolution_embeds else None
         self.blocks = nn.ModuleList([Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth)])
         self.final_layer = FinalLayer(c.width, c.patch_dim)
+        # RoPE's (cos, sin) by (grid_h, grid_w, device): a plain dict, so not in the state dict
+        self.rope_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -262,16 +280,25 @@ class Denoiser(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def plan_routing(
-        self, routing: TokenRouting, batch: int, num_tokens: int, generator: torch.Generator | None = None, device=None
+        self, routing: TokenRouting, num_tokens: int, generators: list[torch.Generator], device
     ) -> RoutePlan:
-        """Draw each sample's kept tokens (uniformly, without replacement) from `generator`. The trainer passes its
-        per-step generator, so a resumed run routes exactly as before; sampling passes a freshly seeded one, so its
-        routed prediction is deterministic."""
+        """Draw sample i's kept tokens (uniformly, without replacement) on `device` from `generators[i]` alone, so a
+        sample routes the same whichever batch, rank or world size it is in. The trainer seeds them from the step
+        and the sample, so a resumed run routes exactly as before; sampling seeds them afresh, so its routed
+        prediction is deterministic."""
         blocks = routing.blocks(self.config.depth)
         kept = num_tokens - int(routing.fraction * num_tokens)
-        scores = torch.rand(batch, num_tokens, generator=generator)
+        scores = torch.stack([torch.rand(num_tokens, generator=g, device=device) for g in generators])
         kept_index = scores.argsort(dim=1)[:, :kept].sort(dim=1).values
-        return RoutePlan(kept_index.to(device), blocks)
+        return RoutePlan(kept_index, blocks)
+
+    def rope(self, grid_h: int, grid_w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the RoPE angles, (tokens, head_dim / 2) in fp32: computed once per grid and device."""
+        key = (grid_h, grid_w, device)
+        if key not in self.rope_cache:
+            angles = rope_angles(grid_h, grid_w, self.config.axes_dim, self.config.rope_theta, device)
+            self.rope_cache[key] = (angles.cos().float(), angles.sin().float())
+        return self.rope_cache[key]
 
     def forward(
         self,
@@ -282,29 +309,34 @@ class Denoiser(nn.Module):
         routing: RoutePlan | None = None,
     ):
         """x: (B, C, H, W) noisy image; t: (B,) in [0, 1], 1 = pure noise; txt: (B, L, context_dim).
-        routing: None runs every token through every block; else TREAD with that plan."""
+        txt_mask: (B, L) True at real text tokens; pass None when no token is padded (the fused kernels then run
+        without a mask). routing: None runs every token through every block; else TREAD with that plan."""
         c = self.config
         b, _, h, w = x.shape
         img = self.img_in(patchify(x, c.patch_size))
         txt = self.txt_in(txt)
-        rope = rope_angles(h // c.patch_size, w // c.patch_size, c.axes_dim, c.rope_theta, x.device)
+        rope = self.rope(h // c.patch_size, w // c.patch_size, x.device)
+        attn_bias = attention_bias(txt_mask, img.shape[1], img.dtype)
         vec = self.time_in(timestep_embedding(t, 256, c.time_max_period, c.time_factor).to(img.dtype))
         if self.resolution_embedder is not None:
             vec = vec + self.resolution_embedder(x.new_full((b,), h), x.new_full((b,), w))
         if routing is None:
             for block in self.blocks:
-                img = block(img, txt, vec, rope, txt_mask)
+                img = block(img, txt, vec, rope, attn_bias)
         else:
-            img = self.routed_blocks(img, txt, vec, rope, txt_mask, routing)
+            img = self.routed_blocks(img, txt, vec, rope, attn_bias, routing)
         return unpatchify(self.final_layer(img, vec), c.patch_size, h, w)
 
-    def routed_blocks(self, img, txt, vec, rope, txt_mask, plan: RoutePlan) -> torch.Tensor:
+    def routed_blocks(self, img, txt, vec, rope, attn_bias, plan: RoutePlan) -> torch.Tensor:
         index = plan.kept_index[:, :, None].expand(-1, -1, img.shape[-1])
-        kept_rope = rope[plan.kept_index][:, None]  # (B, 1, N_kept, head_dim / 2): RoPE of the kept tokens' positions
+        # (B, 1, N_kept, head_dim / 2): RoPE of the kept tokens' positions
+        kept_rope = tuple(part[plan.kept_index][:, None] for part in rope)
+        kept_bias = None if attn_bias is None else attn_bias[..., : txt.shape[1] + plan.kept_index.shape[1]]
         for i, block in enumerate(self.blocks):
             if i == plan.blocks.start:
                 all_tokens, img = img, img.gather(1, index)
-            img = block(img, txt, vec, kept_rope if i in plan.blocks else rope, txt_mask)
+            routed = i in plan.blocks
+            img = block(img, txt, vec, kept_rope if routed else rope, kept_bias if routed else attn_bias)
             if i == plan.blocks.stop - 1:
                 img = all_tokens.scatter(1, index, img.to(all_tokens.dtype))
         return img

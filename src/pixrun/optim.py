@@ -1,13 +1,16 @@
 """Optimizer (AdamW, or Muon for the blocks' matrices with AdamW for the rest), learning-rate schedule and the EMA of
-the weights."""
+the weights. Both take `apply`, a bool on the device: a step where it is False changes nothing, and the host never
+waits to find out. Sharded (FSDP2/HSDP) matrices are orthogonalised once each, by one rank of their shard group."""
 
 import math
 import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.optim.adamw import adamw
 
 MUON_LR_SCALING = {
@@ -55,30 +58,26 @@ class EMAConfig:
     warmup: bool = True  # decay = min(decay, (1 + n) / (10 + n)) over the n-th update, so early EMA is not stale
 
 
-def build_optimizer(params: dict[str, nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay only on matrices; or, for `name: muon`, one MuonAdamW with Muon on the blocks' matrices.
+def build_optimizer(params: dict[str, nn.Parameter], config: OptimConfig) -> "MuonAdamW":
+    """One MuonAdamW: AdamW with weight decay only on matrices; for `name: muon`, Muon on the blocks' matrices.
 
     Every group carries "muon", so `set_lr` knows which learning rate it takes."""
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    if config.name == "adamw":
-        groups = [
-            {"params": decay, "weight_decay": config.weight_decay, "muon": False},
-            {"params": no_decay, "weight_decay": 0.0, "muon": False},
-        ]
-        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), fused=False)
     muon = [p for name, p in params.items() if p.dim() == 2 and BLOCK_MATRIX.search(name)]
+    muon = muon if config.name == "muon" else []
     muon_ids = {id(p) for p in muon}
     adamw_group = {"lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "muon": False}
-    return MuonAdamW([
-        {
+    groups = [
+        {**adamw_group, "params": [p for p in params.values() if p.dim() >= 2 and id(p) not in muon_ids],
+         "weight_decay": config.weight_decay},
+        {**adamw_group, "params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if config.name == "muon":
+        groups.insert(0, {
             "params": muon, "muon": True, "lr": config.muon_lr, "weight_decay": config.muon_weight_decay,
             "momentum": config.muon_momentum, "nesterov": config.muon_nesterov, "ns_steps": config.muon_ns_steps,
             "lr_scaling": config.muon_lr_scaling,
-        },
-        {**adamw_group, "params": [p for p in decay if id(p) not in muon_ids], "weight_decay": config.weight_decay},
-        {**adamw_group, "params": no_decay, "weight_decay": 0.0},
-    ])
+        })
+    return MuonAdamW(groups)
 
 
 def schedule_factor(step: int, config: OptimConfig, total_steps: int) -> float:
@@ -121,31 +120,90 @@ def orthogonalize(matrices: torch.Tensor, steps: int) -> torch.Tensor:
     return x[0] if single else x
 
 
-def same_shape_chunks(matrices: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of `matrices` grouped by shape, in chunks of at most NS_BATCH_ELEMENTS values: what Newton-Schulz takes
-    at once, so the gathered directions of a sharded model never all exist at the same time."""
+def same_shape_chunks(matrices: list[torch.Tensor], owners: int = 1) -> list[list[int]]:
+    """Indices of `matrices` grouped by shape, in chunks that `owners` ranks orthogonalise together, each at most
+    NS_BATCH_ELEMENTS values at once: what Newton-Schulz takes at a time, so the whole directions of a sharded
+    model never all exist at the same time."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(matrices):
         by_shape.setdefault(tuple(m.shape), []).append(i)
     chunks = []
     for shape, indices in by_shape.items():
-        per_chunk = max(1, NS_BATCH_ELEMENTS // math.prod(shape))
+        per_chunk = owners * max(1, NS_BATCH_ELEMENTS // math.prod(shape))
         chunks += [indices[first : first + per_chunk] for first in range(0, len(indices), per_chunk)]
     return chunks
 
 
+def row_shard_mesh_dim(p: DTensor) -> int:
+    """The mesh dimension over which `p`'s rows are split: FSDP2's Shard(0), replicated over any other (HSDP)."""
+    shard = [dim for dim, placement in enumerate(p.placements) if placement == Shard(0)]
+    if len(shard) != 1 or not all(pl.is_replicate() for dim, pl in enumerate(p.placements) if dim != shard[0]):
+        raise ValueError(f"Muon takes matrices sharded on their rows over one mesh dimension, got {p.placements}")
+    return shard[0]
+
+
+def orthogonalize_sharded(shards: list[torch.Tensor], shape: torch.Size, mesh: DeviceMesh, mesh_dim: int,
+                          steps: int) -> list[torch.Tensor]:
+    """`orthogonalize` of same-shape matrices whose rows are split over `mesh_dim` of `mesh` as torch.chunk splits
+    them (FSDP2's Shard(0): ceil(rows / N) rows per rank, the last ranks fewer or none); `shards` are this rank's
+    rows of each. Matrix k goes whole to rank k % N, which orthogonalises its matrices as one batch, and each rank
+    gets its rows of every result back: two all-to-alls, so Newton-Schulz work and the bytes a rank receives are
+    1/N of all matrices'. Sent in bf16, what Newton-Schulz rounds to first anyway: the same result as one process."""
+    group, size, rank = mesh.get_group(mesh_dim), mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    rows, cols = shape
+    rows_per_rank = -(-rows // size)
+    shard_rows = [max(0, min(rows_per_rank, rows - r * rows_per_rank)) for r in range(size)]
+    if any(s.shape != (shard_rows[rank], cols) for s in shards):
+        raise ValueError(f"shards of a {rows}x{cols} matrix over {size} ranks must hold torch.chunk's rows")
+    owned = [range(owner, len(shards), size) for owner in range(size)]
+    mine = len(owned[rank])
+    send = torch.cat([shards[k].bfloat16().flatten() for matrices in owned for k in matrices])
+    to_owners = [len(matrices) * shard_rows[rank] * cols for matrices in owned]
+    from_shards = [mine * n * cols for n in shard_rows]
+    received = send.new_empty(sum(from_shards))
+    dist.all_to_all_single(received, send, from_shards, to_owners, group=group)
+    whole = torch.cat([part.view(mine, n, cols) for part, n in zip(received.split(from_shards), shard_rows)], dim=1)
+    ortho = orthogonalize(whole, steps) if mine else whole  # a rank without a matrix in this chunk only relays
+    send_back = torch.cat([part.flatten() for part in ortho.split(shard_rows, dim=1)])
+    returned = send.new_empty(sum(to_owners))
+    dist.all_to_all_single(returned, send_back, to_owners, from_shards, group=group)
+    results = {}
+    for matrices, part in zip(owned, returned.split(to_owners)):
+        results.update(zip(matrices, part.view(len(matrices), shard_rows[rank], cols)))
+    return [results[k] for k in range(len(shards))]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a view: in-place changes reach it), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _where(apply: torch.Tensor | None, updated: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """`updated` where the step applies, else `current`: a skipped step's NaN in `updated` goes nowhere."""
+    return updated if apply is None else torch.where(apply, updated, current)
+
+
 class MuonAdamW(torch.optim.Optimizer):
-    """Muon on the param groups with "muon": True, AdamW on the others: one optimizer, one state dict.
+    """Muon on the param groups with "muon": True, AdamW on the others: one optimizer, one state dict ("step",
+    "exp_avg", "exp_avg_sq" per AdamW parameter as torch.optim.AdamW keeps them; "momentum_buffer" per Muon matrix).
+
+    `step(apply=...)` takes a 0-dim bool tensor on the parameters' device: where it is False the step changes nothing
+    (parameters, moments, momentum, step counts), decided on the device, so the caller never waits for it.
 
     Muon keeps a momentum buffer, takes its Nesterov step and replaces it by its orthogonalisation. Newton-Schulz needs
-    the whole matrix: an FSDP2-sharded parameter (a DTensor) has its update gathered, orthogonalised identically on
-    every rank, and each rank keeps its own shard. Momentum and AdamW's moments stay sharded."""
+    the whole matrix: FSDP2-sharded matrices (DTensors, rows split over the shard group of N ranks) are spread over
+    the group, each orthogonalised once, by one rank (`orthogonalize_sharded`); plain tensors (one process, DDP)
+    are orthogonalised where they are. Momentum and AdamW's moments stay sharded. The AdamW groups run torch's fused
+    AdamW (its step counts live on the parameters' device, as "fused" groups declare for loading)."""
 
     def __init__(self, groups: list[dict]):
         super().__init__(groups, defaults={})
+        for group in self.param_groups:
+            if not group["muon"]:
+                group["fused"] = True
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, apply: torch.Tensor | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -153,69 +211,96 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if group["muon"]:
-                self._muon_updates(params, group)
+                self._muon_updates(params, group, apply)
             elif params:
-                self._adamw_updates(params, group)
+                self._adamw_updates(params, group, apply)
         return loss
 
-    def _muon_updates(self, params: list[torch.Tensor], group: dict) -> None:
-        for indices in same_shape_chunks(params):
-            chunk = [params[i] for i in indices]
-            rows, cols = chunk[0].shape
-            scale = group["lr"] * MUON_LR_SCALING[group["lr_scaling"]](rows, cols)
-            directions = torch.stack([self._muon_direction(p, group) for p in chunk])
-            for p, ortho in zip(chunk, orthogonalize(directions, group["ns_steps"])):
-                ortho = ortho.to(p.dtype)
-                if isinstance(p, DTensor):  # keep this rank's slice: no communication
-                    ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(ortho, alpha=-scale)
+    def _muon_updates(self, params: list[torch.Tensor], group: dict, apply: torch.Tensor | None) -> None:
+        plain = [p for p in params if not isinstance(p, DTensor)]
+        for indices in same_shape_chunks(plain):
+            chunk = [plain[i] for i in indices]
+            directions = torch.stack([self._muon_direction(p, group, apply) for p in chunk])
+            self._muon_apply(chunk, orthogonalize(directions, group["ns_steps"]), group, apply)
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        if not sharded:
+            return
+        if len({(p.device_mesh, p.placements) for p in sharded}) > 1:
+            raise ValueError("Muon's sharded matrices must share one device mesh and placement")
+        mesh, mesh_dim = sharded[0].device_mesh, row_shard_mesh_dim(sharded[0])
+        for indices in same_shape_chunks(sharded, owners=mesh.size(mesh_dim)):
+            chunk = [sharded[i] for i in indices]
+            directions = [self._muon_direction(p, group, apply) for p in chunk]
+            orthos = orthogonalize_sharded(directions, chunk[0].shape, mesh, mesh_dim, group["ns_steps"])
+            self._muon_apply(chunk, orthos, group, apply)
 
-    def _muon_direction(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """The momentum step and the (Nesterov) direction, whole: a sharded one is gathered."""
+    def _muon_direction(self, p: torch.Tensor, group: dict, apply: torch.Tensor | None) -> torch.Tensor:
+        """The momentum step and the (Nesterov) direction, this rank's part of it."""
         state = self.state[p]
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)
-        momentum, buffer = group["momentum"], state["momentum_buffer"]
-        buffer.lerp_(p.grad, 1 - momentum)
-        direction = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-        return direction.full_tensor() if isinstance(direction, DTensor) else direction
+        momentum, buffer, grad = group["momentum"], _local(state["momentum_buffer"]), _local(p.grad)
+        buffer.copy_(_where(apply, buffer.lerp(grad, 1 - momentum), buffer))
+        return grad.lerp(buffer, momentum) if group["nesterov"] else buffer
 
-    def _adamw_updates(self, params: list[torch.Tensor], group: dict) -> None:
-        """torch's own AdamW, on the whole group at once (multi-tensor kernels)."""
+    @staticmethod
+    def _muon_apply(params: list[torch.Tensor], orthos: list[torch.Tensor] | torch.Tensor, group: dict,
+                    apply: torch.Tensor | None) -> None:
+        """Decoupled weight decay and the orthogonalised step, scaled for the matrices' (whole) shape."""
+        scale = group["lr"] * MUON_LR_SCALING[group["lr_scaling"]](*params[0].shape)
+        for p, ortho in zip(params, orthos):
+            p = _local(p)
+            updated = p.mul(1 - group["lr"] * group["weight_decay"]).add_(ortho.to(p.dtype), alpha=-scale)
+            p.copy_(_where(apply, updated, p))
+
+    def _adamw_updates(self, params: list[torch.Tensor], group: dict, apply: torch.Tensor | None) -> None:
+        """torch's fused AdamW (`torch.optim.adamw.adamw(fused=True)`), on the whole group at once; a skipped step
+        goes in as its `found_inf` (GradScaler's mechanism): the kernel then leaves parameters and moments alone
+        and the step counts are put back, all on the device."""
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
         beta1, beta2 = group["betas"]
         adamw(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-            [s["step"] for s in states], foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            [_local(p) for p in params], [_local(p.grad) for p in params], [_local(s["exp_avg"]) for s in states],
+            [_local(s["exp_avg_sq"]) for s in states], [], [s["step"] for s in states], fused=True,
+            found_inf=None if apply is None else (~apply).float(), amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
 
 
 class EMA:
-    """Exponential moving average of named parameters, kept in fp32."""
+    """Exponential moving average of the trained parameters, kept in `shadow`: the parameters of a separate copy of
+    the trained modules, by the same names, placed like `params` (sharded the same way, or plain tensors).
 
-    def __init__(self, params: dict[str, nn.Parameter], config: EMAConfig):
+    All on the device: `updates` (a 0-dim int64 tensor, the number of updates applied; the checkpoint saves and
+    loads it in place) sets the warm-up decay, and a skipped step (`apply` False) leaves shadow and count alone."""
+
+    def __init__(self, params: dict[str, torch.Tensor], shadow: dict[str, torch.Tensor], config: EMAConfig):
+        if params.keys() != shadow.keys():
+            raise ValueError("the EMA copy must have the trained parameters, by the same names")
         self.config = config
         self.params = params
-        self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
-        self.updates = 0
+        self.shadow = shadow
+        self.updates = torch.zeros((), dtype=torch.int64, device=next(iter(shadow.values())).device)
 
-    def decay(self) -> float:
+    def weight(self) -> torch.Tensor:
+        """1 - decay, with the warm-up decay min(decay, (1 + n) / (10 + n)) after n updates."""
+        n = self.updates.float()
         if not self.config.warmup:
-            return self.config.decay
-        return min(self.config.decay, (1 + self.updates) / (10 + self.updates))
+            return torch.full_like(n, 1 - self.config.decay)
+        return (9 / (10 + n)).clamp(min=1 - self.config.decay)
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
+    def update(self, step: int, apply: torch.Tensor | None = None) -> None:
+        """After optimizer step `step` (counted from 0): every `every` steps, where `apply` (0-dim bool) holds."""
         if (step + 1) % self.config.every:
             return
-        weight = 1 - self.decay()
-        shadows = list(self.shadow.values())
-        torch._foreach_lerp_(shadows, [self.params[name].detach().float() for name in self.shadow], weight)
-        self.updates += 1
+        weight = self.weight() if apply is None else self.weight() * apply  # 0: the shadow stays bit-identical
+        shadows = [_local(t) for t in self.shadow.values()]
+        params = [_local(self.params[name]).detach() for name in self.shadow]
+        torch._foreach_lerp_(shadows, params, [weight] * len(shadows))  # a tensor weight: no host read
+        self.updates += 1 if apply is None else apply

@@ -71,6 +71,60 @@ class World:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.size
 
+    def all_true(self, flag: torch.Tensor) -> torch.Tensor:
+        """`flag` (a bool tensor on the device) and-ed over ranks, left on the device: no host round trip."""
+        if not self.distributed:
+            return flag
+        value = flag.to(torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value.bool()
+
+    def gather_to_main(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's `tensor` (the same shape everywhere) concatenated along dim 0 on rank 0; None elsewhere."""
+        if not self.distributed:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.size)] if self.is_main else None
+        dist.gather(tensor.contiguous(), parts, dst=0)
+        return torch.cat(parts) if self.is_main else None
+
+    def share_slice(self, count: int) -> tuple[slice, int]:
+        """This rank's contiguous part of `count` items and the padded length every rank uses, so that ranks
+        running a sharded model do the same number of forward passes."""
+        per_rank = -(-count // self.size)
+        first = min(count, self.rank * per_rank)
+        return slice(first, min(count, first + per_rank)), per_rank
+
+
+class StopVote:
+    """Agrees on a stop request across ranks without a device round trip: the vote of step k travels over a CPU
+    (gloo) group while step k + 1 runs, and its result ends the run after step k + 1 on every rank alike."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.group = dist.new_group(backend="gloo") if world.distributed else None
+        self.pending: tuple[torch.Tensor, dist.Work] | None = None
+
+    def cast(self, requested: bool) -> bool:
+        """Send this step's vote; returns whether the previous step's vote asked to stop (on any rank)."""
+        if self.group is None:
+            return requested
+        previous = self._result()
+        vote = torch.tensor([int(requested)], dtype=torch.int32)
+        self.pending = (vote, dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return previous
+
+    def settle(self) -> bool:
+        """The outstanding vote's result (to finish the run cleanly)."""
+        return self._result()
+
+    def _result(self) -> bool:
+        if self.pending is None:
+            return False
+        vote, work = self.pending
+        work.wait()
+        self.pending = None
+        return bool(vote.item())  # a CPU tensor: no device involved
+
 
 def init_world(config: ParallelConfig, device_name: str) -> tuple[World, torch.device]:
     """Join the process group `torchrun` set up in the environment, and pick this process's device."""
@@ -95,6 +149,18 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
+def device_mesh(config: ParallelConfig, world: World, device: torch.device):
+    """The FSDP2 mesh: ("shard",), or ("replicate", "shard") for HSDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world.size % config.replicate_degree:
+        raise ValueError(f"parallel.replicate_degree {config.replicate_degree} does not divide {world.size} ranks")
+    if config.replicate_degree > 1:
+        return init_device_mesh(device.type, (config.replicate_degree, world.size // config.replicate_degree),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world.size,), mesh_dim_names=("shard",))
+
+
 def resolve_strategy(config: ParallelConfig, world: World) -> str:
     if config.strategy == "auto":
         return "fsdp" if world.distributed else "single"
@@ -106,10 +172,11 @@ def resolve_strategy(config: ParallelConfig, world: World) -> str:
 
 
 def parallelize(denoiser: nn.Module, others: list[nn.Module], config: ParallelConfig, world: World,
-                device: torch.device, bf16: bool) -> str:
+                device: torch.device, bf16: bool, mesh=None) -> str:
     """Checkpoint, compile, then replicate or shard the trainable modules in place; returns the strategy used.
     `others` are the other trained modules (a jointly trained text encoder, REPA's projector), each one unit;
-    frozen networks (a pretrained text encoder, loss networks) are simply replicated."""
+    frozen networks (a pretrained text encoder, loss networks) are simply replicated. `mesh`: FSDP's, built here
+    when not given (pass the same one to `shard_copy`)."""
     if config.activation_checkpointing:
         for block in denoiser.blocks:
             _checkpoint_activations(block)
@@ -124,23 +191,29 @@ def parallelize(denoiser: nn.Module, others: list[nn.Module], config: ParallelCo
         for module in modules:
             replicate(module, device_ids=[device.index] if device.type == "cuda" else None)
     elif strategy == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if world.size % config.replicate_degree:
-            raise ValueError(f"parallel.replicate_degree {config.replicate_degree} does not divide {world.size} ranks")
-        if config.replicate_degree > 1:
-            mesh = init_device_mesh(device.type, (config.replicate_degree, world.size // config.replicate_degree),
-                                    mesh_dim_names=("replicate", "shard"))
-        else:
-            mesh = init_device_mesh(device.type, (world.size,), mesh_dim_names=("shard",))
-        # fp32 master weights and gradient reduction; bf16 weights for compute when bf16 is on
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        for block in denoiser.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
-        for module in modules:
-            fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+        _fully_shard(denoiser, others, mesh or device_mesh(config, world, device), bf16,
+                     config.reshard_after_forward)
     return strategy
+
+
+def shard_copy(denoiser: nn.Module, others: list[nn.Module], config: ParallelConfig, world: World, mesh,
+               bf16: bool) -> None:
+    """Shard a copy of the trained modules (the EMA weights) exactly like them, so each rank keeps its shard of
+    the copy and generation with it gathers one block at a time, as training does. Replicated strategies keep
+    the copy whole on every rank, as they keep the model."""
+    if resolve_strategy(config, world) == "fsdp":
+        _fully_shard(denoiser, others, mesh, bf16, reshard_after_forward=True)
+
+
+def _fully_shard(denoiser: nn.Module, others: list[nn.Module], mesh, bf16: bool, reshard_after_forward: bool):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # fp32 master weights and gradient reduction; bf16 weights for compute when bf16 is on
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for block in denoiser.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for module in [*others, denoiser]:
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
 def _checkpoint_activations(block: nn.Module) -> None:

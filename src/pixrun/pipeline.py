@@ -94,11 +94,13 @@ class Pipeline:
         self.text_tower.eval()
         return self
 
-    def generate(self, prompts: list[str], seed: int = 0, sample: SampleConfig | None = None) -> torch.Tensor:
+    def generate(self, prompts: list[str], seed: int = 0, sample: SampleConfig | None = None,
+                 resolution: int | None = None) -> torch.Tensor:
+        """Images in [-1, 1] at `resolution` (default: data.resolution); image i from the noise of seed + i."""
         device = next(self.denoiser.parameters()).device
         with compute_context(device, self.config.train.precision):
             return generate(
-                self.denoiser, self.text_tower, self.flow, prompts, self.config.data.resolution,
+                self.denoiser, self.text_tower, self.flow, prompts, resolution or self.config.data.resolution,
                 sample or self.config.sample, seed, routing=self.config.tread,
             )
 

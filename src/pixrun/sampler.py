@@ -114,7 +114,8 @@ def self_guided(model, routing, weight: float, seed: int):
         dense = model(x, t, txt, mask)
         p = model.config.patch_size
         tokens = (x.shape[-2] // p) * (x.shape[-1] // p)
-        plan = model.plan_routing(routing, x.shape[0], tokens, torch.Generator().manual_seed(seed), x.device)
+        generators = [torch.Generator(x.device).manual_seed(seed + i) for i in range(x.shape[0])]
+        plan = model.plan_routing(routing, tokens, generators, x.device)
         routed = model(x, t, txt, mask, routing=plan)
         return routed + weight * (dense - routed)
 

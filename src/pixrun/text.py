@@ -211,8 +211,14 @@ class TextTower(nn.Module):
         if tokens.input_ids.shape[1] == 0:  # only empty prompts, and a tokenizer that adds no special token
             tokens = self.tokenizer(cleaned, padding="max_length", max_length=1, return_tensors="pt")
         tokens = tokens.to(device)
+        attention = tokens.attention_mask
+        if self.trainable:
+            # The small encoder is pixrun's own T5 (SDPA attention): given the mask ready-made, (B, 1, 1, L) bool,
+            # transformers uses it as it is instead of reading it to see whether it can be skipped, which on a GPU
+            # would stall every training step.
+            attention = attention.bool()[:, None, None, :]
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            out = self.encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+            out = self.encoder(input_ids=tokens.input_ids, attention_mask=attention).last_hidden_state
         mask = tokens.attention_mask.bool()
         out = torch.where(mask[..., None], out, 0)  # some encoders leave fully masked rows non-finite
         return (out if self.trainable else out.float()), mask

@@ -1,29 +1,48 @@
 """The training loop: data -> text tower -> flow (t, noise) -> denoiser -> loss -> optimizer/EMA -> checkpoint.
 
-Every random draw of step k comes from generators seeded by (seed, k), and the learning rate is a function of k,
-so there is no random stream to save: a run resumed from a checkpoint continues exactly as if it had never
-stopped. The draws are made for the global batch and each rank takes its slice, so 1 process and N processes
-with the same global batch train the same model.
+Randomness is per sample: t, noise, caption dropout and TREAD's routing of sample i of global batch k come from
+generators seeded by (seed, k, i), drawn only by the rank that holds row i, on its device. So 1 process and N
+processes with the same global batch train the same model, no rank draws for rows it does not hold, and a run
+resumed from a checkpoint continues exactly as if it had never stopped (the learning rate is a function of k).
+
+An ordinary step never waits for the device: a non-finite step is skipped by the optimizer itself (a device-side
+flag), its count stays on the device until a logging step reads it, and a stop signal is agreed over a CPU
+side channel while the next step runs.
 """
 
 import copy
 import dataclasses
+import hashlib
+import random
 import signal
+import struct
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.utils.rnn import pad_sequence
 
-from pixrun.checkpoint import Checkpointer, latest_good_checkpoint, list_checkpoints, whole_tensor
+from pixrun.checkpoint import Checkpointer, choose_resume
 from pixrun.config import Config, ConfigError, save_config
 from pixrun.data.source import LocalBatch, ShapesSource, ShardSource
 from pixrun.flow import Flow
 from pixrun.logger import RunLogger, save_grid
 from pixrun.losses.auxiliary import AuxiliaryLosses
-from pixrun.model import Denoiser, RoutePlan, count_parameters
+from pixrun.metrics import generate_images
+from pixrun.model import Denoiser, count_parameters
 from pixrun.optim import EMA, build_optimizer, set_lr
-from pixrun.parallel import World, close_world, init_world, parallelize
+from pixrun.parallel import (
+    StopVote,
+    World,
+    close_world,
+    device_mesh,
+    init_world,
+    parallelize,
+    resolve_strategy,
+    shard_copy,
+)
 from pixrun.pipeline import (
     Pipeline,
     attention_context,
@@ -37,30 +56,17 @@ from pixrun.pipeline import (
 from pixrun.text import TextTower
 from pixrun.text_cache import TextCache
 
+NOISE, DROPOUT = 0, 1  # a sample's two random streams: t, noise and routing on the device; dropout on the host
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss stays non-finite); the message says why."""
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed << 32) + step)
-
-
-def resume_point(run_dir: Path, resume: str | None) -> Path | None:
-    """None: fresh run; "auto": the latest good checkpoint if any; "latest": it must exist; else a folder."""
-    if resume is None:
-        if list_checkpoints(run_dir):
-            raise ConfigError(f"{run_dir} already has checkpoints: pass --resume, or set run_dir to a new folder")
-        return None
-    if resume in ("auto", "latest"):
-        found = latest_good_checkpoint(run_dir)
-        if found is None and resume == "latest":
-            raise ConfigError(f"nothing to resume: {run_dir} has no usable checkpoint")
-        return found
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise ConfigError(f"{path} is not a checkpoint folder")
-    return path
+def sample_seed(seed: int, step: int, row: int, stream: int = NOISE) -> int:
+    """The seed of global row `row` of step `step`: a hash, so nearby (step, row) pairs give unrelated streams."""
+    digest = hashlib.blake2b(struct.pack("<4q", seed, step, row, stream), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def prepare(config: Config, vocabulary: list[str], checkpoint: Path | None, world: World) -> Pipeline:
@@ -100,54 +106,56 @@ class Trainer:
             if stage.batch_size % self.world.size:
                 raise ConfigError(f"batch size {stage.batch_size} does not split over {self.world.size} processes")
         self.run_dir = Path(config.run_dir)
-        checkpoint = resume_point(self.run_dir, resume)
-        self.source = build_source(config, self.world)
+        checkpoint = choose_resume(self.run_dir, resume, self.world)
         pipeline = prepare(config, build_world(config).vocabulary(), checkpoint, self.world).to(self.device)
-        self.ema_pipeline = copy.deepcopy(pipeline).eval() if self.world.is_main else None
+        self.source = build_source(config, self.world, pipeline.text_tower, pin_memory=self.device.type == "cuda")
         self.bf16 = uses_bf16(self.device, tc.precision)
         text = pipeline.text_tower
         self.aux = AuxiliaryLosses(config, config.model.width, self.device)
-        owners = {
+        trained = {
             "denoiser": pipeline.denoiser,
             **({"text_encoder": text.encoder} if text.trainable else {}),
             **self.aux.trainable(),
         }
+        # The EMA weights live in a copy of the trained modules, sharded like them: generation runs on every rank
+        # with one block gathered at a time, and no rank ever holds the whole EMA.
+        ema_text = copy.deepcopy(text) if text.trainable else text
+        ema_trained = {name: ema_text.encoder if name == "text_encoder" else copy.deepcopy(module)
+                       for name, module in trained.items()}
+        for module in ema_trained.values():
+            module.requires_grad_(False)
+        mesh = device_mesh(config.parallel, self.world, self.device) if self._sharded() else None
         try:
             self.strategy = parallelize(
                 pipeline.denoiser,
-                [m for n, m in owners.items() if n != "denoiser"],
+                [m for n, m in trained.items() if n != "denoiser"],
                 config.parallel,
                 self.world,
                 self.device,
                 self.bf16,
+                mesh,
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        shard_copy(ema_trained["denoiser"], [m for n, m in ema_trained.items() if n != "denoiser"], config.parallel,
+                   self.world, mesh, self.bf16)
         self.aux.capture(pipeline.denoiser)
         self.pipeline = pipeline
-        self.params = {
-            f"{owner}.{name}": p for owner, module in owners.items() for name, p in module.named_parameters()
-        }
+        self.ema_pipeline = Pipeline(config, ema_trained["denoiser"], ema_text, pipeline.flow).eval()
+        self.model, self.ema_model = nn.ModuleDict(trained), nn.ModuleDict(ema_trained)
+        self.params = named_parameters(self.model)
         self.optimizer = build_optimizer(self.params, config.optim)
-        self.ema = EMA(self.params, config.ema)
-        self.checkpointer = Checkpointer(
-            self.run_dir,
-            self.params,
-            owners,
-            self.optimizer,
-            self.world.is_main,
-            self.world.barrier,
-            tc.keep_checkpoints,
-        )
+        self.ema = EMA(self.params, named_parameters(self.ema_model), config.ema)
+        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.nonfinite_in_row = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.checkpointer = Checkpointer(self.run_dir, self.model, self.ema_model, self.optimizer, self.world,
+                                         tc.keep_checkpoints, async_save=tc.async_checkpoint)
         self.start = 0
-        self.nonfinite_in_row = 0
-        self.nonfinite_total = 0
         if checkpoint is not None:
-            state = self.checkpointer.load(checkpoint, self.ema.shadow)
-            self.ema.updates = state["ema_updates"]
-            self.nonfinite_total = state.get("nonfinite_steps", 0)
+            state = self.checkpointer.load(checkpoint, self.counters())
             self.start = state["step"]
             self.source.load_state_dict(state.get("data", {}))
+        self.lr = 0.0
         self.stop_requested = False
         self.metric_networks = None
         self.encode_text = text
@@ -155,66 +163,76 @@ class Trainer:
         if config.text.cache_dir and not text.trainable:
             self.encode_text = TextCache(config.text.cache_dir, text, writer=str(self.world.rank))
 
+    def _sharded(self) -> bool:
+        return resolve_strategy(self.config.parallel, self.world) == "fsdp"
+
+    def counters(self) -> dict[str, torch.Tensor]:
+        """The run's device-side counters, saved with each checkpoint and filled in place on resume."""
+        return {"ema_updates": self.ema.updates, "nonfinite_steps": self.nonfinite_total}
+
     def step(self, step: int) -> dict[str, torch.Tensor]:
-        """One optimisation step on this rank's part of global batch `step`; returns loss and grad norm."""
-        config, tc = self.config, self.config.train
+        """One optimisation step on this rank's part of global batch `step`; returns its figures as device tensors
+        (loss, each loss term, grad norm). Nothing here waits for the device."""
+        config, tc, device = self.config, self.config.train, self.device
         denoiser, flow = self.pipeline.denoiser, self.pipeline.flow
-        lr = set_lr(self.optimizer, step, config.optim, tc.steps)
+        self.lr = set_lr(self.optimizer, step, config.optim, tc.steps)
         stage, stage_start = config.stage_at(step)
         batch = self.source.batch(step, stage, stage_start)
-        if self.world.any(len(batch.captions) == 0, self.device):  # a batch of only bad samples somewhere
-            self.optimizer.zero_grad(set_to_none=True)
-            return {}
-        # the draws are made for the whole global batch, then each rank takes its own rows
-        size = stage.batch_size
-        gen = step_generator(tc.seed, step)
-        dropped = torch.rand(size, generator=gen) < config.flow.caption_dropout
-        t = flow.sample_t(size, gen)
-        eps = torch.randn((size, *batch.images.shape[1:]), generator=gen)
-        tread = config.tread.enabled if stage.tread is None else stage.tread
+        has_rows = len(batch.captions) > 0
+        if not has_rows:  # every sample was bad: a stand-in row keeps this rank in the collectives, weighted 0
+            batch = LocalBatch(torch.zeros(1, 3, stage.resolution, stage.resolution, dtype=torch.uint8), [""])
+        first = self.world.rank * (stage.batch_size // self.world.size)
+        rows = [first + row for row in (batch.rows or range(len(batch.captions)))]  # rows in the global batch
+        generators = [torch.Generator(device).manual_seed(sample_seed(tc.seed, step, row)) for row in rows]
+        # drawn on the host (which captions to tokenise is decided there), from the sample's own stream
+        dropped = [random.Random(sample_seed(tc.seed, step, row, DROPOUT)).random() < config.flow.caption_dropout
+                   for row in rows]
+        x0 = batch.images_on(device)
+        t = torch.cat([flow.sample_t(1, g) for g in generators])
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in generators])
         plan = None
-        if tread:  # drawn last, so runs without TREAD keep the same draws
-            p = config.model.patch_size
-            tokens = (batch.images.shape[-2] // p) * (batch.images.shape[-1] // p)
-            plan = denoiser.plan_routing(config.tread, size, tokens, gen)
-        first = self.world.rank * (size // self.world.size)
-        mine = slice(first, first + len(batch.captions))
-        x0, eps, t = batch.images.to(self.device), eps[mine].to(self.device), t[mine].to(self.device)
-        if plan is not None:
-            plan = RoutePlan(plan.kept_index[mine].to(self.device), plan.blocks)
+        if config.tread.enabled if stage.tread is None else stage.tread:  # drawn last: runs without TREAD
+            p = config.model.patch_size  # keep the same draws
+            tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
+            plan = denoiser.plan_routing(config.tread, tokens, generators, device)
         x_t = flow.add_noise(x0, eps, t)
-        with compute_context(self.device, tc.precision):
-            txt, mask = self.text_states(batch, dropped[mine].tolist())
+        with compute_context(device, tc.precision):
+            txt, mask = self.text_states(batch, dropped)
             pred = denoiser(x_t, t, txt, mask, routing=plan)
             terms = self.aux(flow.to_x0(pred.float(), x_t, t), x0, t, plan, stage, step, config.model.patch_size)
         flow_loss = flow.loss(pred.float(), x0, eps, x_t, t)
         loss = flow_loss + sum(terms.values())
+        if not has_rows:
+            loss = loss * 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        with attention_context(self.device):
+        with attention_context(device):
             loss.backward()
-        grad_norm = whole_tensor(torch.nn.utils.clip_grad_norm_(self.params.values(), config.optim.grad_clip))
-        if torch.isfinite(grad_norm):  # gradients are already reduced, so every rank decides the same way
-            self.optimizer.step()
-            self.ema.update(step)
-            self.nonfinite_in_row = 0
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_row += 1
-            self.nonfinite_total += 1
-            if self.nonfinite_in_row >= tc.max_nonfinite_in_row:
-                raise TrainingError(
-                    f"the loss was non-finite {self.nonfinite_in_row} steps in a row (last: step "
-                    f"{step + 1}); lower optim.lr or raise optim.warmup_steps, then --resume"
-                )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), config.optim.grad_clip)
+        if isinstance(grad_norm, DTensor):  # already reduced over ranks: every rank decides the same way
+            grad_norm = grad_norm.full_tensor()
+        finite = torch.isfinite(grad_norm)
+        apply = finite & self.world.all_true(torch.full((), has_rows, device=device))
+        self.optimizer.step(apply=apply)
+        self.ema.update(step, apply)
+        self.nonfinite_total += (~finite).long()
+        self.nonfinite_in_row = (self.nonfinite_in_row + 1) * (~finite).long()
         return {
             "loss": loss.detach(),
             "flow_loss": flow_loss.detach(),
             **{k: v.detach() for k, v in terms.items()},
-            "grad_norm": grad_norm,
-            "lr": torch.tensor(lr),
+            "grad_norm": grad_norm.detach(),
         }
 
-    def text_states(self, batch: LocalBatch, dropped: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_health(self, step: int) -> None:
+        """Read on logging steps (a host sync): too many non-finite steps in a row end the run."""
+        in_row = int(self.nonfinite_in_row)
+        if in_row >= self.config.train.max_nonfinite_in_row:
+            raise TrainingError(
+                f"the loss was non-finite {in_row} steps in a row (last: step {step + 1}); lower optim.lr or "
+                "raise optim.warmup_steps, then --resume"
+            )
+
+    def text_states(self, batch: LocalBatch, dropped: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encoded captions; a dropped caption becomes the encoded empty prompt. Embeddings precomputed by
         `pixrun data prepare` are used as they are (they came from the same frozen encoder)."""
         if batch.embeddings is None or self.pipeline.text_tower.trainable:
@@ -224,9 +242,11 @@ class Trainer:
             self.empty_prompt = states[0][mask[0]]
         empty = self.empty_prompt
         states = [empty if drop else e.to(self.device, empty.dtype) for e, drop in zip(batch.embeddings, dropped)]
-        lengths = torch.tensor([len(s) for s in states], device=self.device)
-        mask = torch.arange(int(lengths.max()), device=self.device) < lengths[:, None]
-        return pad_sequence(states, batch_first=True), mask
+        lengths = [len(s) for s in states]  # host lengths: the mask is built without reading the device
+        if len(set(lengths)) == 1:  # nothing padded: no mask, so the denoiser's attention can use flash kernels
+            return torch.stack(states), None
+        mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+        return pad_sequence(states, batch_first=True), mask.to(self.device)
 
     def run(self) -> Path:
         tc, world = self.config.train, self.world
@@ -243,6 +263,7 @@ class Trainer:
             )
         logger = RunLogger(self.run_dir, tc.steps, self.start) if world.is_main else None
         last_grid = None
+        stop_vote = StopVote(world)
         self.pipeline.denoiser.train()
         self.pipeline.text_tower.train(self.pipeline.text_tower.trainable)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -250,19 +271,17 @@ class Trainer:
             for step in range(self.start, tc.steps):
                 metrics = self.step(step)
                 done = step + 1
-                log = (done % tc.log_every == 0 or done == tc.steps) and bool(metrics)
                 values = {}
-                if log:
-                    values = {name: world.mean(value).item() for name, value in metrics.items()}
-                    values["nonfinite_steps"] = self.nonfinite_total
-                    values["data_skipped"] = self.source.skipped
+                if done % tc.log_every == 0 or done == tc.steps:
+                    values = self.log_values(metrics)
+                    self.check_health(step)
                 if logger is not None:
                     logger.step(step, values, self.config.stage_at(step)[0].batch_size)
                 if done % tc.sample_every == 0 or done == tc.steps:
                     last_grid = self.sample(done, logger) or last_grid
                 if tc.metrics_every and done % tc.metrics_every == 0:
                     self.measure(done, logger)
-                stop = world.any(self.stop_requested, self.device)
+                stop = stop_vote.cast(self.stop_requested)
                 if done % tc.checkpoint_every == 0 or done == tc.steps or stop:
                     self.save(done)
                 if stop:
@@ -272,6 +291,8 @@ class Trainer:
                             f"Continue with: pixrun train ... --resume auto"
                         )
                     break
+            stop_vote.settle()
+            self.checkpointer.wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -286,49 +307,48 @@ class Trainer:
                 print(f"pixrun: samples: {last_grid}")
         return self.run_dir
 
-    def loaded_ema_pipeline(self) -> Pipeline | None:
-        """The EMA weights in a plain copy of the model, on rank 0 (every rank takes part in gathering them)."""
-        ema = {name: whole_tensor(t) for name, t in self.ema.shadow.items()}
-        if not self.world.is_main:
-            return None
-        self.ema_pipeline.load_weights(ema)
-        return self.ema_pipeline
+    def log_values(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The step's figures averaged over ranks, with the counters: one collective and one read of the device."""
+        names = list(metrics)
+        means = self.world.mean(torch.stack([metrics[name].float() for name in names])).tolist()
+        values = dict(zip(names, means))
+        values["lr"] = self.lr
+        values["nonfinite_steps"] = int(self.nonfinite_total)
+        values["data_skipped"] = self.source.skipped
+        return values
 
     def sample(self, step: int, logger: RunLogger | None) -> Path | None:
-        pipeline = self.loaded_ema_pipeline()
-        if pipeline is None:
-            return None
-        path = sample_grid(pipeline, self.run_dir / "samples" / f"step_{step:07d}.png")
-        logger.image("samples/ema", path, step)
-        return path
+        """The sample grid of the EMA weights at the stage's resolution, generated in parts by every rank."""
+        path = self.run_dir / "samples" / f"step_{step:07d}.png"
+        resolution = self.config.stage_at(step - 1)[0].resolution
+        written = sample_grid(self.ema_pipeline, path, self.world, resolution)
+        if written is not None and logger is not None:
+            logger.image("samples/ema", written, step)
+        return written
 
     def measure(self, step: int, logger: RunLogger | None) -> None:
-        """FID/KID/CMMD/DINO-MMD of EMA samples and the MSE of x0 by t, on a held-out shapes sample."""
+        """FID/KID/CMMD/DINO-MMD of EMA samples and the MSE of x0 by t, on a held-out shapes sample, at the stage's
+        resolution; the images are generated and denoised in parts by every rank, scored on rank 0."""
         from pixrun.metrics import load_networks, mse_by_t, shapes_quality_metrics, shapes_reference
 
-        pipeline = self.loaded_ema_pipeline()
-        if pipeline is None:
-            return
         config = self.config.metrics
-        if self.metric_networks is None:
+        resolution = self.config.stage_at(step - 1)[0].resolution
+        if self.metric_networks is None and self.world.is_main:
             self.metric_networks = load_networks(config, self.device)
-        scores = shapes_quality_metrics(pipeline, config, self.metric_networks)
-        held_out = shapes_reference(
-            build_world(self.config), self.config.data.resolution, config.num_images, config.seed
-        )
-        scores.update(mse_by_t(pipeline, held_out.load(), held_out.captions, seed=config.seed))
-        logger.record("quality", scores, step)
+        scores = shapes_quality_metrics(self.ema_pipeline, config, self.metric_networks, self.world, resolution)
+        held_out = shapes_reference(build_world(self.config), resolution, config.num_images, config.seed)
+        errors = mse_by_t(self.ema_pipeline, held_out.load(), held_out.captions, seed=config.seed, world=self.world)
+        if logger is not None:
+            logger.record("quality", {**scores, **errors}, step)
 
     def save(self, step: int) -> Path:
         if isinstance(self.encode_text, TextCache):
             self.encode_text.flush()
         return self.checkpointer.save(
             step,
-            self.ema.shadow,
+            self.counters(),
             {
-                "ema_updates": self.ema.updates,
                 "data": self.source.state_dict(),
-                "nonfinite_steps": self.nonfinite_total,
                 "world_size": self.world.size,
                 "config": dataclasses.asdict(self.config),
                 "saved_at": time.time(),
@@ -344,12 +364,22 @@ class Trainer:
         self.stop_requested = True
 
 
-def build_source(config: Config, world: World) -> ShapesSource | ShardSource:
-    if config.data.source == "shapes":
-        return ShapesSource(build_world(config), config.train.seed, world.rank, world.size)
+def named_parameters(modules: nn.ModuleDict) -> dict[str, nn.Parameter]:
+    """Parameters by "<owner>.<name>", the keys of checkpoints and exports."""
+    return dict(modules.named_parameters())
+
+
+def build_source(config: Config, world: World, text_tower: TextTower | None = None, pin_memory: bool = False):
+    """The run's data source. With shards, a frozen `text_tower` is checked against the one that made the
+    embeddings they carry; `pin_memory` for a CUDA device."""
     d = config.data
+    if d.source == "shapes":
+        return ShapesSource(build_world(config), config.train.seed, world.rank, world.size, pin_memory=pin_memory)
+    frozen = text_tower is not None and not text_tower.trainable
     return ShardSource(
-        d.shards, config.train.seed, world.rank, world.size, d.num_workers, d.shuffle_shards, d.shard_url
+        d.shards, config.train.seed, world.rank, world.size, d.num_workers, d.shuffle_shards, d.shard_url,
+        stages=config.stage_plan(), partitions=d.partitions, pin_memory=pin_memory,
+        text_encoder=text_tower.identity() if frozen else None,
     )
 
 
@@ -361,9 +391,12 @@ def train(config: Config, resume: str | None = None) -> Path:
         trainer.close()
 
 
-def sample_grid(pipeline: Pipeline, path: Path) -> Path:
+def sample_grid(pipeline: Pipeline, path: Path, world: World | None = None, resolution: int | None = None) -> Path | None:
+    """The grid of `sample.grid_prompts` x `sample.grid_seeds`; written by rank 0 (None elsewhere)."""
     sc = pipeline.config.sample
     prompts = [p for p in sc.grid_prompts for _ in range(sc.grid_seeds)]
-    images = to_uint8(pipeline.generate(prompts, seed=0))
-    save_grid(images, sc.grid_prompts, sc.grid_seeds, path)
+    images = generate_images(pipeline, prompts, seed=0, batch_size=len(prompts), world=world, resolution=resolution)
+    if images is None:
+        return None
+    save_grid(to_uint8(images), sc.grid_prompts, sc.grid_seeds, path)
     return path

@@ -14,7 +14,8 @@ dropped, and so is every image whose perceptual hash equals an earlier image's. 
     shards/WxH/NNNNNN.tar   one shard per input chunk and bucket: KEY.jpg, KEY.txt (caption), KEY.json
                             ({"source", "original_size"}), KEY.emb.npy (float16 text embedding, when asked for);
                             KEY = "WxH_NNNNNN_PLACE", PLACE being the sample's place in the shard
-    index.json              the shards with their bucket and sample count: what the loader reads
+    index.json              the shards with their bucket and sample count, and the identity of the text encoder
+                            that made the embeddings: what the loader reads
     report.json             kept and dropped, why, per bucket; every dropped item with its reason
     state/                  options.json and one record per finished chunk: a re-run skips finished chunks
 
@@ -357,14 +358,19 @@ def prepare_dataset(
     out: str | Path,
     options: PrepareOptions | None = None,
     embed: Callable[[list[str]], list] | None = None,
+    text_encoder: dict | None = None,
 ) -> PrepareReport:
     """Prepare SRC into shards in OUT (see the module docstring); resumes a run that stopped.
 
-    embed, when given, maps a list of captions to one float16 array (tokens, dim) each, stored with the sample.
+    embed, when given, maps a list of captions to one float16 array (tokens, dim) each, stored with the sample;
+    text_encoder, required with it, is the identity of the encoder behind it (TextTower.identity()), recorded in
+    the index so that training with another encoder is refused.
     """
     src, out, options = Path(src), Path(out), options or PrepareOptions()
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
+    if (embed is None) != (text_encoder is None):
+        raise ValueError("embed and text_encoder go together: the index records which encoder made the embeddings")
     tasks = list_tasks(src, out, options)
     if not tasks:
         raise EmptyDatasetError(f"{src} holds no images, tar shards or Parquet files")
@@ -372,7 +378,7 @@ def prepare_dataset(
     state_dir.mkdir(parents=True, exist_ok=True)
     listing = hashlib.sha256(json.dumps([asdict(t) for t in tasks]).encode()).hexdigest()
     settings = {"source": str(src.resolve()), "listing": listing, "options": asdict(options),
-                "embeddings": embed is not None}
+                "embeddings": embed is not None, "text_encoder": text_encoder}
     settings_path = state_dir / "options.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{out} was prepared from other inputs or options; prepare into a new folder")
@@ -398,7 +404,8 @@ def prepare_dataset(
     shards = [shard for record in ordered for shard in record["shards"]]
     index = {
         "format": INDEX_FORMAT, "resolution": options.resolution, "patch_size": options.patch_size,
-        "embeddings": embed is not None, "samples": sum(s["count"] for s in shards), "shards": shards,
+        "embeddings": embed is not None, "text_encoder": text_encoder, "samples": sum(s["count"] for s in shards),
+        "shards": shards,
     }
     write_atomically(out / INDEX_NAME, json.dumps(index, indent=1))
     report = build_report(ordered)

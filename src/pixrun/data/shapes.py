@@ -263,14 +263,15 @@ class ShapesWorld:
     def batch(
         self, seed: int, index: int, batch_size: int, resolution: int, rows: slice = slice(None)
     ) -> tuple[torch.Tensor, list[str]]:
-        """Batch `index` of stream `seed`: float32 B×3×H×W images in [-1, 1] and their captions, or only the
-        `rows` of it. A pure function of (seed, index), so training can resume mid-stream exactly; every scene of
-        the batch is drawn (cheap) so that any rows are the same whoever renders them (the costly part)."""
-        rng = np.random.default_rng([seed, index])
-        scenes = [self.sample_scene(rng) for _ in range(batch_size)][rows]
-        images = np.stack([self.render(scene, resolution) for scene in scenes]).transpose(0, 3, 1, 2)
-        images_tensor = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1.0
-        return images_tensor, [scene.caption for scene in scenes]
+        """Rows `rows` of batch `index` of stream `seed` (all by default): uint8 b×3×H×W images and their captions.
+        The scene of global row i is drawn from its own generator, seeded by (seed, index, i): a pure function of
+        the three, so training can resume mid-stream exactly, any rank renders the same scene for row i, and no
+        rank draws for rows it does not render."""
+        scenes = [self.sample_scene(np.random.default_rng([seed, index, row])) for row in range(batch_size)[rows]]
+        images = torch.empty(len(scenes), 3, resolution, resolution, dtype=torch.uint8)
+        for image, scene in zip(images, scenes):
+            image.copy_(torch.from_numpy(self.render(scene, resolution)).permute(2, 0, 1))
+        return images, [scene.caption for scene in scenes]
 
     def vocabulary(self) -> list[str]:
         """Every word a caption or evaluation prompt of this world can contain, sorted."""

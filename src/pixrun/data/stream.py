@@ -1,37 +1,51 @@
 """Streaming loader over the WebDataset shards that pixrun.data.prepare writes.
 
-    stream = ShardStream("data/prepared", batch_size=32, seed=0, rank=rank, world_size=world_size)
-    for batch in stream:            # endless: epoch after epoch
-        batch.images                # (B, 3, H, W) float in [-1, 1], every image of one bucket
-        batch.captions, batch.keys  # lists of B strings
-        batch.embeddings            # list of B float16 tensors (tokens, dim), or None when not prepared
+    stream = ShardStream("data/prepared", global_batch_size=1024, seed=0, rank=rank, world_size=world_size)
+    for batch in stream.batches(start=0):   # endless, from step `start` of the stream on
+        batch.images                # (b, 3, H, W) uint8: this rank's rows of the global batch, one bucket
+        batch.captions, batch.keys  # lists of b strings
+        batch.embeddings            # list of b float16 tensors (tokens, dim), or None when not prepared
 
-The order of an epoch is planned up front from the index, identically on every rank: shards are shuffled
-(seed, epoch), samples are shuffled within groups of `shuffle_shards` consecutive shards of one bucket, each
-bucket's sequence is cut into global batches of batch_size × world_size (the remainder, fewer than that many,
-waits for another epoch's shuffle), each rank takes one contiguous slice of every bucket (so a rank reads about
-1/world_size of the shards), and the buckets' batches are interleaved in a seeded order that is the same on
-every rank: at step k all ranks hold batches of the same bucket. DataLoader workers share the rank's batches
-round-robin (worker w makes batches w, w + N, ...), which is the order the DataLoader hands them out in, so the
-k-th batch of a rank does not depend on num_workers.
+The plan, MosaicML Streaming's "canonical nodes": the index's shards are dealt, once and for all, into K
+canonical partitions (`partitions`), bucket by bucket, so that every partition holds about as many samples of each
+bucket (largest shard first, to the partition holding fewest so far). Every global batch B is one bucket's and
+takes B/K samples from every partition: partition p fills rows [p·B/K, (p+1)·B/K) of it. Rank r of N serves the
+contiguous partitions [r·K/N, (r+1)·K/N), which are rows [r·B/N, (r+1)·B/N), and reads only their shards. So for
+any N that divides K, global batch k holds the same samples in the same rows.
 
-Resuming: `state_dict()` counts the batches the iterator has handed out (DataLoader prefetching does not
-count). A training loop takes exactly one batch per step, so after step k (k batches taken since the start)
-the state reads epoch * len(stream) + batches_taken == k (batches_taken runs from 1 to len(stream) within an
-epoch). Save it in the checkpoint of step k, after the optimizer step that used batch k;
-on resume, `load_state_dict(state)` before iterating makes the next batch the one step k + 1 of the first run
-would have used: nothing repeated, nothing skipped. The plan depends on seed, batch_size, world_size, shuffle_shards and
-the index, and loading a state saved under others is refused. Every rank is at the same position, so rank 0's
-state resumes all ranks (the skipped counts in it are rank 0's).
+An epoch, planned from the index alone: within each partition and bucket the shards are shuffled (seed, epoch,
+partition, bucket), taken in groups of `shuffle_shards`, and the samples of each group shuffled; the sequence is
+cut into pieces of B/K. A bucket gives as many global batches as its smallest partition gives pieces (what the
+others have left over waits for another epoch's shuffle; a bucket with fewer shards than partitions gives none),
+and the buckets' batches are interleaved in an order seeded by (seed, epoch): at step k every rank holds the same
+bucket. Each epoch has len(stream) steps, so step k of the stream is step k % len(stream) of epoch
+k // len(stream): the position is the step, and `batches(start)` starts anywhere, reading only the shuffle groups
+it still uses.
+
+Reading: the rank's shards are dealt between its DataLoader workers (largest first, to the least loaded), so each
+shard is read once per rank per epoch, by one worker, which keeps the samples the rank uses and drops them once
+used. At every step each worker decodes the rows of the rank's batch that lie in its shards into a uint8 piece;
+the DataLoader hands the pieces out round-robin, one per worker, and they are put back in row order: the batch
+does not depend on num_workers. A rank holds about K/N × buckets × shuffle_shards shards' samples at most.
+
+Precomputed text embeddings: the index records the identity of the encoder that made them
+(TextTower.identity()); a stream given the identity of the encoder training uses refuses another's. Everything
+but the naming is compared (ENCODER_NAMING), so a local copy of a hub checkpoint matches its hub id.
+
+Resuming: the state to save is what the step cannot give, the skipped counts, plus a fingerprint of the plan
+(seed, global batch, partitions, shuffle_shards, samples); loading a state of another plan is refused, a state
+saved with another world size is not. Counts are per rank: a checkpoint holds rank 0's.
 
 A sample that cannot be used (corrupt image, truncated or corrupt tar member, missing caption) is left out of
-its batch, counted in `skipped` (reason -> count; saved in the state) and logged. Its batch then holds fewer
-than batch_size samples; when every sample of a batch is bad it holds none (len(batch) == 0) and the training
-loop should skip that update but still count the step, so that ranks stay in step. An index without enough
-samples for one batch, or an epoch in which every sample was bad, raises EmptyDatasetError.
+its batch, counted in `skipped` (reason -> count) and logged. Its batch then holds fewer rows; when every sample
+of a rank's batch is bad it holds none (len(batch) == 0) and the training loop should skip that update but still
+count the step, so that ranks stay in step. An index without enough samples for one batch, or an epoch in which
+every sample was bad, raises EmptyDatasetError.
 """
 
+import heapq
 import io
+import itertools
 import json
 import logging
 import posixpath
@@ -52,10 +66,18 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "pixrun-shards-1"
+# How the text encoder was named (a hub id or a local path; "auto" or a class name): not compared, the weights'
+# fingerprint and the resolved class are.
+ENCODER_NAMING = ("encoder", "encoder_class")
 
 
 class EmptyDatasetError(ValueError):
     pass
+
+
+class PlanError(ValueError):
+    """The stream cannot be planned as asked (partitions against world size or batch, another text encoder's
+    embeddings, a saved position of another plan)."""
 
 
 # Reading tar shards, shared with prepare (which reads img2dataset shards the same way).
@@ -160,7 +182,7 @@ def read_tar_samples(stream, name: str) -> Iterator[TarSample | TarDamage]:
         yield sample
 
 
-# The loader.
+# The plan.
 
 
 @dataclass
@@ -171,21 +193,30 @@ class Shard:
 
 
 @dataclass
+class ShardIndex:
+    location: str
+    shards: list[Shard]
+    embeddings: bool
+    text_encoder: dict | None  # TextTower.identity() of the encoder that made the embeddings
+
+
+@dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, H, W), float32 in [-1, 1]
+    images: torch.Tensor  # (b, 3, H, W) uint8
     captions: list[str]
     keys: list[str]
     embeddings: list[torch.Tensor] | None
     bucket: tuple[int, int]  # (width, height)
     skipped: dict[str, int]  # reason -> samples left out of this batch
+    rows: list[int]  # each sample's row in the rank's share of the global batch (rows of skipped samples missing)
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
-def load_index(index: str, shard_url: str | None = None) -> tuple[list[Shard], bool]:
-    """Shards listed by an index (a prepared folder, its index.json, or any URL gopen reads) and whether
-    samples carry embeddings. Shard paths are relative to the index, or filled into shard_url ("{path}")."""
+def load_index(index: str, shard_url: str | None = None) -> ShardIndex:
+    """The index at `index` (a prepared folder, its index.json, or any URL gopen reads). Shard paths are relative
+    to the index, or filled into shard_url ("{path}")."""
     location = index if index.endswith(".json") else posixpath.join(index, INDEX_NAME)
     with gopen(location, "rb") as stream:
         data = json.load(stream)
@@ -200,110 +231,178 @@ def load_index(index: str, shard_url: str | None = None) -> tuple[list[Shard], b
         )
         for entry in data["shards"]
     ]
-    return shards, bool(data.get("embeddings"))
+    return ShardIndex(location, shards, bool(data.get("embeddings")), data.get("text_encoder"))
 
 
-def sample_number(key: str) -> int | None:
-    """prepare writes keys "{bucket}_{chunk}_{number}": the number is the sample's place in its shard."""
-    try:
-        return int(key.rsplit("_", 1)[1])
-    except (IndexError, ValueError):
-        return None
+def check_text_encoder(index: ShardIndex, expected: dict | None) -> None:
+    """Refuse precomputed embeddings made by another encoder than `expected` (TextTower.identity(); None: the
+    embeddings are not used). All but the naming is compared, so a local copy of a hub checkpoint matches."""
+    if expected is None or not index.embeddings:
+        return
+    recorded = index.text_encoder
+    if recorded is None:
+        raise PlanError(f"{index.location} holds text embeddings but does not record which encoder made them; "
+                        "prepare it again with `pixrun data prepare --text-encoder`")
+    differing = sorted(k for k in recorded.keys() | expected.keys() if k not in ENCODER_NAMING
+                       and recorded.get(k) != expected.get(k))
+    if differing:
+        theirs = ", ".join(f"{k}={recorded.get(k)!r}" for k in differing)
+        ours = ", ".join(f"{k}={expected.get(k)!r}" for k in differing)
+        raise PlanError(f"{index.location}: its text embeddings were made by {recorded.get('encoder')!r} ({theirs}), "
+                        f"training uses {expected.get('encoder')!r} ({ours}); prepare the shards with this encoder")
 
 
-def plan_epoch(
-    shards: list[Shard], batch_size: int, world_size: int, rank: int, seed: int, epoch: int, shuffle_shards: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's batches of one epoch: (steps, B) global sample numbers and each step's shard bucket index.
-
-    A sample's global number is its shard's offset in the index plus its place in the shard."""
-    rng = np.random.default_rng([seed, epoch])
-    counts = np.array([shard.count for shard in shards], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    order = rng.permutation(len(shards))
-    buckets = sorted({shard.bucket for shard in shards})
-    per_bucket = []
-    for bucket in buckets:
-        ids = [s for s in order if shards[s].bucket == bucket]
-        groups = [ids[g:g + shuffle_shards] for g in range(0, len(ids), shuffle_shards)]
-        sequence = np.concatenate(
-            [rng.permutation(np.concatenate([offsets[s] + np.arange(counts[s]) for s in group])) for group in groups]
-        )
-        batches = len(sequence) // (batch_size * world_size)
-        mine = sequence[rank * batches * batch_size:(rank + 1) * batches * batch_size]
-        per_bucket.append(mine.reshape(batches, batch_size))
-    labels = rng.permutation(np.repeat(np.arange(len(buckets)), [len(b) for b in per_bucket]))
-    steps = np.empty((len(labels), batch_size), dtype=np.int64)
-    for label, batches in enumerate(per_bucket):
-        steps[labels == label] = batches
-    return steps, labels
+def deal(shards: list[Shard], ids: list[int], bins: int) -> dict[int, int]:
+    """Shard id -> bin: each bucket's shards, largest first (list order among equals), go to the bin holding fewest
+    of that bucket's samples so far (the lowest among equals), so every bin gets about as many of each bucket and
+    consecutive shards (often neighbours in the source) land in different bins."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for shard in ids:
+        by_bucket.setdefault(shards[shard].bucket, []).append(shard)
+    owner = {}
+    for bucket_ids in by_bucket.values():
+        loads = [(0, b) for b in range(bins)]  # a heap of (samples so far, bin)
+        for shard in sorted(bucket_ids, key=lambda s: -shards[s].count):
+            held, b = heapq.heappop(loads)
+            owner[shard] = b
+            heapq.heappush(loads, (held + shards[shard].count, b))
+    return owner
 
 
-class EpochBatches(IterableDataset):
-    """One rank's batches start.. of one planned epoch; in a DataLoader worker, only that worker's share."""
+class Plan:
+    """Every epoch's order, for every rank (see the module docstring): the same object on every rank and worker."""
 
-    def __init__(
-        self, shards: list[Shard], steps: np.ndarray, labels: np.ndarray, buckets: list[tuple[int, int]], start: int
-    ):
-        self.shards, self.steps, self.labels, self.buckets, self.start = shards, steps, labels, buckets, start
+    def __init__(self, shards: list[Shard], global_batch_size: int, partitions: int, seed: int, shuffle_shards: int):
+        self.shards, self.seed, self.shuffle_shards = shards, seed, shuffle_shards
+        self.per_partition = global_batch_size // partitions
+        self.buckets = sorted({shard.bucket for shard in shards})
         counts = np.array([shard.count for shard in shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        owner = deal(shards, list(range(len(shards))), partitions)
+        self.members: dict[tuple[int, int], list[int]] = {}  # (partition, bucket number) -> shard ids
+        held = np.zeros((partitions, len(self.buckets)), dtype=np.int64)
+        for shard, partition in sorted(owner.items()):
+            bucket = self.buckets.index(shards[shard].bucket)
+            self.members.setdefault((partition, bucket), []).append(shard)
+            held[partition, bucket] += shards[shard].count
+        self.batches = held.min(axis=0) // self.per_partition  # global batches of each bucket per epoch
+
+    def __len__(self) -> int:
+        return int(self.batches.sum())
+
+    def schedule(self, epoch: int) -> np.ndarray:
+        """The bucket number of each step of the epoch."""
+        labels = np.repeat(np.arange(len(self.buckets)), self.batches)
+        return np.random.default_rng([self.seed, epoch]).permutation(labels)
+
+    def sequence(self, epoch: int, partition: int, bucket: int) -> np.ndarray:
+        """The samples (global numbers: shard offset + place) that `partition` gives the batches of bucket number
+        `bucket` (one that has batches) in `epoch`, B/K per batch."""
+        rng = np.random.default_rng([self.seed, epoch, partition, bucket])
+        ids = rng.permutation(np.array(self.members[partition, bucket]))
+        groups = []
+        for g in range(0, len(ids), self.shuffle_shards):
+            group = [np.arange(self.offsets[s], self.offsets[s + 1]) for s in ids[g:g + self.shuffle_shards]]
+            groups.append(rng.permutation(np.concatenate(group)))
+        sequence = np.concatenate(groups)
+        return sequence[:self.batches[bucket] * self.per_partition]
+
+    def shard_of(self, numbers: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offsets, numbers, side="right") - 1
+
+
+# Reading: one rank's rows, split between its DataLoader workers by shard.
+
+
+class RankPieces(IterableDataset):
+    """The rank's rows of every global batch from stream step `start` on, endlessly; in a DataLoader worker, only the
+    rows that lie in its shards (`owner`: shard id -> worker). One piece per step, empty or not, so that the
+    DataLoader's round-robin hands out one piece per worker per step."""
+
+    def __init__(self, plan: Plan, partitions: range, owner: dict[int, int], start: int):
+        self.plan, self.partitions, self.owner, self.start = plan, partitions, owner, start
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = range(self.start + worker, len(self.steps), workers)
-        if not mine:
-            return
-        # Which samples of which shard this worker will use, to keep only those when a shard is read.
-        wanted: dict[int, set[int]] = {}
-        for step in mine:
-            for number in self.steps[step]:
-                shard = int(np.searchsorted(self.offsets, number, side="right")) - 1
-                wanted.setdefault(shard, set()).add(int(number - self.offsets[shard]))
-        held: dict[int, dict[int, TarSample]] = {}
-        for step in mine:
-            yield self.make_batch(step, wanted, held)
+        worker = info.id if info else 0
+        mine = np.array(sorted(shard for shard, owner in self.owner.items() if owner == worker), dtype=np.int64)
+        epoch, step = divmod(self.start, len(self.plan))
+        while True:
+            yield from self.epoch_pieces(mine, epoch, step)
+            epoch, step = epoch + 1, 0
 
-    def make_batch(self, step: int, wanted: dict[int, set[int]], held: dict[int, dict[int, TarSample]]) -> Batch:
-        width, height = bucket = self.buckets[int(self.labels[step])]
-        images, captions, keys, embeddings, skipped = [], [], [], [], Counter()
-        for number in self.steps[step]:
-            shard = int(np.searchsorted(self.offsets, number, side="right")) - 1
+    def epoch_pieces(self, mine: np.ndarray, epoch: int, first: int) -> Iterator[Batch]:
+        plan = self.plan
+        labels = plan.schedule(epoch)
+        used = np.bincount(labels[:first], minlength=len(plan.buckets))  # each bucket's batches before step `first`
+        # Each bucket's remaining batches, the rank's rows of each: partition after partition, B/K rows each.
+        rows = {
+            bucket: np.concatenate(
+                [plan.sequence(epoch, p, bucket).reshape(-1, plan.per_partition) for p in self.partitions], axis=1
+            )[used[bucket]:]
+            for bucket in range(len(plan.buckets)) if plan.batches[bucket]
+        }
+        # Which samples of which of this worker's shards the rest of the epoch uses: kept when a shard is read.
+        wanted: dict[int, set[int]] = {}
+        for numbers in rows.values():
+            numbers = numbers.ravel()
+            shards = plan.shard_of(numbers)
+            keep = np.isin(shards, mine)
+            for shard, place in zip(shards[keep].tolist(), (numbers - plan.offsets[shards])[keep].tolist()):
+                wanted.setdefault(shard, set()).add(place)
+        held: dict[int, dict[int, TarSample]] = {}
+        taken = dict.fromkeys(rows, 0)
+        for step in range(first, len(labels)):
+            bucket = int(labels[step])
+            numbers = rows[bucket][taken[bucket]]
+            taken[bucket] += 1
+            yield self.make_piece(numbers, plan.buckets[bucket], mine, wanted, held)
+
+    def make_piece(
+        self,
+        numbers: np.ndarray,
+        bucket: tuple[int, int],
+        mine: np.ndarray,
+        wanted: dict[int, set[int]],
+        held: dict[int, dict[int, TarSample]],
+    ) -> Batch:
+        width, height = bucket
+        shards = self.plan.shard_of(numbers)
+        rows, images, captions, keys, embeddings, skipped = [], [], [], [], [], Counter()
+        for row in np.flatnonzero(np.isin(shards, mine)).tolist():
+            shard = int(shards[row])
             if shard not in held:
                 held[shard] = self.read_shard(shard, wanted[shard])
-            place = int(number - self.offsets[shard])
+            place = int(numbers[row] - self.plan.offsets[shard])
             sample = held[shard].pop(place, None)
             wanted[shard].discard(place)
             if not wanted[shard]:
                 del held[shard]
+            url = self.plan.shards[shard].url
             if sample is None:
-                reason, decoded = "missing from shard", None
-                where = f"{self.shards[shard].url} sample {place}"
+                reason, decoded, where = "missing from shard", None, f"{url} sample {place}"
             else:
-                reason, decoded = decode_sample(sample, (width, height))
-                where = f"{self.shards[shard].url} {sample.key}"
+                (reason, decoded), where = decode_sample(sample, bucket), f"{url} {sample.key}"
             if decoded is None:
                 skipped[reason] += 1
                 log.warning("skipped %s: %s", where, reason)
                 continue
             pixels, caption, embedding = decoded
+            rows.append(row)
             images.append(pixels)
             captions.append(caption)
             keys.append(sample.key)
             embeddings.append(embedding)
-        # uint8 straight into the batch, scaled in place: no per-image float copies.
-        stacked = torch.empty(len(images), 3, height, width)
+        stacked = torch.empty(len(images), 3, height, width, dtype=torch.uint8)
         if get_worker_info() is not None:
-            stacked.share_memory_()  # filled in place where the training process maps it: saves a copy per batch
+            stacked.share_memory_()  # filled in place where the training process maps it: saves a copy per piece
         for row, pixels in enumerate(images):
             stacked[row].copy_(torch.from_numpy(pixels).permute(2, 0, 1))
-        stacked.div_(127.5).sub_(1.0)
-        has_embeddings = bool(embeddings) and all(e is not None for e in embeddings)
-        return Batch(stacked, captions, keys, embeddings if has_embeddings else None, bucket, dict(skipped))
+        has_embeddings = all(e is not None for e in embeddings)
+        return Batch(stacked, captions, keys, embeddings if has_embeddings else None, bucket, dict(skipped), rows)
 
     def read_shard(self, shard: int, places: set[int]) -> dict[int, TarSample]:
-        url = self.shards[shard].url
+        url = self.plan.shards[shard].url
         kept = {}
         try:
             with gopen(url, "rb") as stream:
@@ -317,6 +416,34 @@ class EpochBatches(IterableDataset):
         except (OSError, ValueError) as error:
             log.warning("%s: could not be read (%s)", url, error)
         return kept
+
+
+def sample_number(key: str) -> int | None:
+    """prepare writes keys "{bucket}_{chunk}_{number}": the number is the sample's place in its shard."""
+    try:
+        return int(key.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def join_pieces(pieces: list[Batch], pin_memory: bool) -> Batch:
+    """The rank's batch from its workers' pieces, in row order; its images in pinned memory if asked."""
+    if len(pieces) == 1 and not pin_memory:
+        return pieces[0]
+    rows = sorted(row for piece in pieces for row in piece.rows)
+    position = {row: i for i, row in enumerate(rows)}
+    images = torch.empty((len(rows), *pieces[0].images.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
+    captions, keys, embeddings, skipped = [""] * len(rows), [""] * len(rows), [None] * len(rows), Counter()
+    for piece in pieces:
+        places = [position[row] for row in piece.rows]
+        images.index_copy_(0, torch.tensor(places, dtype=torch.long), piece.images)
+        for i, place in enumerate(places):
+            captions[place], keys[place] = piece.captions[i], piece.keys[i]
+            if piece.embeddings is not None:
+                embeddings[place] = piece.embeddings[i]
+        skipped.update(piece.skipped)
+    has_embeddings = all(piece.embeddings is not None for piece in pieces)
+    return Batch(images, captions, keys, embeddings if has_embeddings else None, pieces[0].bucket, dict(skipped), rows)
 
 
 def decode_sample(
@@ -350,79 +477,91 @@ def decode_sample(
 
 
 class ShardStream:
-    """Endless, resumable stream of one rank's batches over prepared shards (see the module docstring)."""
+    """Endless stream of one rank's rows of every global batch over prepared shards (see the module docstring).
+
+    `text_encoder`: the identity (TextTower.identity()) of the frozen encoder training conditions on, checked
+    against the one the index records for its embeddings; None when the embeddings are not used."""
 
     def __init__(
         self,
         index: str,
-        batch_size: int,
+        global_batch_size: int,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 2,
         shuffle_shards: int = 4,
+        partitions: int = 64,
         shard_url: str | None = None,
+        pin_memory: bool = False,
+        text_encoder: dict | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.index = str(index)
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.num_workers, self.shuffle_shards = num_workers, shuffle_shards
-        self.shards, self.has_embeddings = load_index(self.index, shard_url)
-        self.buckets = sorted({shard.bucket for shard in self.shards})
-        self.samples = sum(shard.count for shard in self.shards)
-        self.epoch, self.batches_taken = 0, 0
+        if partitions < 1 or partitions % world_size:
+            raise PlanError(f"data.partitions ({partitions}) must be a multiple of the world size ({world_size}): "
+                            "every rank serves as many partitions")
+        if global_batch_size % partitions:
+            raise PlanError(f"the global batch ({global_batch_size}) must be a multiple of data.partitions "
+                            f"({partitions}): every partition gives each batch as many samples")
+        self.index = load_index(str(index), shard_url)
+        check_text_encoder(self.index, text_encoder)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        shards = self.index.shards
+        self.plan = Plan(shards, global_batch_size, partitions, seed, shuffle_shards)
+        self.fingerprint = {
+            "seed": seed, "global_batch_size": global_batch_size, "partitions": partitions,
+            "shuffle_shards": shuffle_shards, "samples": sum(shard.count for shard in shards),
+        }
+        per_rank = partitions // world_size
+        self.rank_partitions = range(rank * per_rank, (rank + 1) * per_rank)
         self.skipped: dict[str, int] = {}
+        per_bucket = {b: [s for s in shards if s.bucket == b] for b in self.plan.buckets}
         if len(self) == 0:
-            largest = max((sum(s.count for s in self.shards if s.bucket == b) for b in self.buckets), default=0)
+            largest = max(per_bucket.values(), key=lambda s: sum(shard.count for shard in s), default=[])
             raise EmptyDatasetError(
-                f"{self.index} yields no batch: its largest bucket holds {largest} samples, "
-                f"one step needs batch_size x world_size = {batch_size * world_size}"
+                f"{self.index.location} yields no batch: a batch takes {self.plan.per_partition} samples of one bucket "
+                f"from each of {partitions} partitions of whole shards, and its largest bucket holds "
+                f"{sum(s.count for s in largest)} samples in {len(largest)} shards; lower data.partitions"
             )
+        for bucket, batches in zip(self.plan.buckets, self.plan.batches):
+            if not batches:
+                log.warning("%s: bucket %dx%d (%d shards) is too small for a batch from each of %d partitions; its "
+                            "samples are not used", self.index.location, *bucket, len(per_bucket[bucket]), partitions)
 
     def __len__(self) -> int:
-        """Batches per epoch for this rank (the same on every rank and in every epoch)."""
-        return sum(
-            sum(s.count for s in self.shards if s.bucket == bucket) // (self.batch_size * self.world_size)
-            for bucket in self.buckets
-        )
+        """Steps per epoch (the same on every rank, in every epoch and for every world size)."""
+        return len(self.plan)
 
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            if self.batches_taken < len(self):
-                yield from self.rest_of_epoch()
-            self.epoch, self.batches_taken = self.epoch + 1, 0
-
-    def rest_of_epoch(self) -> Iterator[Batch]:
-        steps, labels = plan_epoch(
-            self.shards, self.batch_size, self.world_size, self.rank, self.seed, self.epoch, self.shuffle_shards
-        )
-        batches = EpochBatches(self.shards, steps, labels, self.buckets, self.batches_taken)
-        loader = batches if self.num_workers == 0 else DataLoader(batches, batch_size=None, num_workers=self.num_workers)
-        whole_epoch, good = self.batches_taken == 0, 0
-        for batch in loader:
-            # Counted before the batch is handed out: a state saved after using it marks it as used.
-            self.batches_taken += 1
+    def batches(self, start: int = 0) -> Iterator[Batch]:
+        """This rank's batches from step `start` of the stream on, endlessly; it reads only what it uses from there."""
+        plan = self.plan
+        shards = [s for (p, b), ids in plan.members.items() if p in self.rank_partitions and plan.batches[b]
+                  for s in ids]
+        workers = min(self.num_workers, len(shards))
+        pieces = RankPieces(plan, self.rank_partitions, deal(plan.shards, shards, max(workers, 1)), start)
+        loader = iter(pieces if workers == 0 else DataLoader(pieces, batch_size=None, num_workers=workers))
+        whole_epoch, good = start % len(self) == 0, 0
+        for step in itertools.count(start):
+            batch = join_pieces([next(loader) for _ in range(max(workers, 1))], self.pin_memory)
             for reason, count in batch.skipped.items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + count
             good += len(batch)
             yield batch
-        if whole_epoch and good == 0:
-            raise EmptyDatasetError(f"{self.index}: every sample of epoch {self.epoch} was skipped ({self.skipped})")
+            if (step + 1) % len(self) == 0:
+                if whole_epoch and good == 0:
+                    raise EmptyDatasetError(f"{self.index.location}: every sample of epoch {step // len(self)} was "
+                                            f"skipped ({self.skipped})")
+                whole_epoch, good = True, 0
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch, "batches_taken": self.batches_taken, "skipped": dict(self.skipped),
-            "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
-            "shuffle_shards": self.shuffle_shards, "samples": self.samples,
-        }
+        return {"skipped": dict(self.skipped), "plan": dict(self.fingerprint)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue where `state` was saved; the plan it counts in must be this stream's plan."""
-        for name in ("seed", "batch_size", "world_size", "shuffle_shards", "samples"):
-            if state[name] != getattr(self, name):
-                raise ValueError(
-                    f"data position was saved with {name}={state[name]}, this stream has {getattr(self, name)}: "
-                    "its batches would not continue that order"
-                )
-        self.epoch, self.batches_taken, self.skipped = state["epoch"], state["batches_taken"], dict(state["skipped"])
+        """Take the skipped counts of a state saved under the same plan (with any world size)."""
+        saved = state.get("plan", {})
+        for name, value in self.fingerprint.items():
+            if saved.get(name) != value:
+                raise PlanError(f"the data position was saved under {name}={saved.get(name)!r}, this stream has "
+                                f"{value!r}: its batches would not continue that order")
+        self.skipped = dict(state["skipped"])

@@ -105,29 +105,43 @@ def quality_metrics(
 
 
 @torch.no_grad()
-def generate_images(pipeline, prompts: list[str], seed: int, batch_size: int) -> torch.Tensor:
-    """One image per prompt, on the CPU; image i starts from the noise of seed `seed + i`, whatever the batch."""
+def generate_images(pipeline, prompts: list[str], seed: int, batch_size: int, world=None,
+                    resolution: int | None = None) -> torch.Tensor | None:
+    """One image per prompt, on the CPU; image i starts from the noise of seed `seed + i`, whatever the batch.
+
+    With a `world` (pixrun.parallel.World) every rank generates its own contiguous part, all parts padded to one
+    length so that a sharded model runs the same forward passes everywhere, and rank 0 gets every image (None
+    elsewhere): the same images as one process makes."""
+    mine, per_rank = world.share_slice(len(prompts)) if world is not None else (slice(0, len(prompts)), len(prompts))
+    ours = prompts[mine] + [prompts[-1]] * (per_rank - (mine.stop - mine.start))  # padding, dropped on rank 0
     chunks = [
-        pipeline.generate(prompts[start : start + batch_size], seed=seed + start).cpu()
-        for start in range(0, len(prompts), batch_size)
+        pipeline.generate(ours[start : start + batch_size], seed=seed + mine.start + start, resolution=resolution)
+        for start in range(0, per_rank, batch_size)
     ]
-    return torch.cat(chunks)
+    images = torch.cat(chunks)
+    if world is not None:
+        images = world.gather_to_main(images)
+    return None if images is None else images[: len(prompts)].cpu()
 
 
 def shapes_quality_metrics(
-    pipeline, config: MetricsConfig, networks: dict[str, nn.Module] | None = None
+    pipeline, config: MetricsConfig, networks: dict[str, nn.Module] | None = None, world=None,
+    resolution: int | None = None,
 ) -> dict[str, float]:
     """Generate `num_images` images for the captions of a held-out shapes-world sample and score them against
-    that sample (or against the configured folder of images)."""
+    that sample (or against the configured folder of images). With a `world`, every rank generates a part and
+    rank 0 scores (the others get {})."""
     # Imported here: pixrun.config imports this package (MetricsConfig), and pixrun.pipeline imports pixrun.config.
     from pixrun.pipeline import build_world
 
-    resolution = pipeline.config.data.resolution
+    resolution = resolution or pipeline.config.data.resolution
     shapes = shapes_reference(build_world(pipeline.config), resolution, config.num_images, config.seed)
+    generated = generate_images(pipeline, shapes.captions, config.seed, config.batch_size, world, resolution)
+    if generated is None:
+        return {}
     reference = shapes if config.reference == "shapes" else folder_reference(
         config.reference, config.num_images, resolution
     )
-    generated = generate_images(pipeline, shapes.captions, config.seed, config.batch_size)
     return quality_metrics(generated, reference, config, networks)
 
 

@@ -22,31 +22,38 @@ def mse_by_t(
     bins=T_BINS,
     seed: int = 0,
     batch_size: int = 64,
+    world=None,
 ) -> dict[str, float]:
     """{"mse_t0.0-0.3": ..., ...}: mean over images and pixels of (x̂₀ - x₀)², images in [-1, 1].
-    Image i's t and noise in every bin come from generator seed + i: results do not depend on batch_size."""
+    Image i's t and noise in every bin come from generator seed + i: results do not depend on batch_size, nor on
+    the number of ranks when a `world` (pixrun.parallel.World) splits the images between them."""
     # Imported here: pixrun.config imports this package (MetricsConfig), and pixrun.pipeline imports pixrun.config.
     from pixrun.pipeline import compute_context
 
     bins = [(float(low), float(high)) for low, high in bins]
-
+    mine, per_rank = world.share_slice(len(images)) if world is not None else (slice(0, len(images)), len(images))
     denoiser, text_tower, flow = pipeline.denoiser, pipeline.text_tower, pipeline.flow
     device = next(denoiser.parameters()).device
     was_training = denoiser.training, text_tower.training
     denoiser.eval()
     text_tower.eval()
-    squared_error = dict.fromkeys(bins, 0.0)
-    for start in range(0, len(images), batch_size):
-        x0 = images[start : start + batch_size].to(device)
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(start, start + len(x0))]
+    squared_error = torch.zeros(len(bins), dtype=torch.float64, device=device)
+    for start in range(mine.start, mine.start + per_rank, batch_size):
+        # a rank whose part is short still runs every pass (a sharded model needs them all), on weight-0 rows
+        indices = [min(i, len(images) - 1) for i in range(start, min(start + batch_size, mine.start + per_rank))]
+        counted = torch.tensor([i < mine.stop for i in range(start, start + len(indices))], device=device)
+        x0 = images[indices].to(device)
+        generators = [torch.Generator().manual_seed(seed + i) for i in indices]
         with compute_context(device, pipeline.config.train.precision):
-            txt, mask = text_tower(captions[start : start + batch_size])
-            for low, high in bins:
+            txt, mask = text_tower([captions[i] for i in indices])
+            for b, (low, high) in enumerate(bins):
                 t = torch.stack([low + (high - low) * torch.rand((), generator=g) for g in generators]).to(device)
                 eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(device)
                 x_t = flow.add_noise(x0, eps, t)
                 x0_hat = flow.to_x0(denoiser(x_t, t, txt, mask).float(), x_t, t)
-                squared_error[(low, high)] += (x0_hat - x0).pow(2).sum().item()
+                squared_error[b] += ((x0_hat - x0).pow(2).flatten(1).sum(1) * counted).sum()
     denoiser.train(was_training[0])
     text_tower.train(was_training[1])
-    return {bin_name(*key): total / images.numel() for key, total in squared_error.items()}
+    if world is not None and world.distributed:
+        torch.distributed.all_reduce(squared_error)
+    return {bin_name(*key): total / images.numel() for key, total in zip(bins, squared_error.tolist())}
