@@ -58,8 +58,10 @@ class EMAConfig:
     warmup: bool = True  # decay = min(decay, (1 + n) / (10 + n)) over the n-th update, so early EMA is not stale
 
 
-def build_optimizer(params: dict[str, nn.Parameter], config: OptimConfig) -> "MuonAdamW":
-    """One MuonAdamW: AdamW with weight decay only on matrices; for `name: muon`, Muon on the blocks' matrices.
+def build_optimizer(params: dict[str, nn.Parameter], config: OptimConfig,
+                    ns_dtype: torch.dtype = torch.bfloat16) -> "MuonAdamW":
+    """One MuonAdamW: AdamW with weight decay only on matrices; for `name: muon`, Muon on the blocks' matrices, its
+    Newton-Schulz iteration in `ns_dtype` (the trainer passes its compute precision).
 
     Every group carries "muon", so `set_lr` knows which learning rate it takes."""
     muon = [p for name, p in params.items() if p.dim() == 2 and BLOCK_MATRIX.search(name)]
@@ -75,6 +77,7 @@ def build_optimizer(params: dict[str, nn.Parameter], config: OptimConfig) -> "Mu
         groups.insert(0, {
             "params": muon, "muon": True, "lr": config.muon_lr, "weight_decay": config.muon_weight_decay,
             "momentum": config.muon_momentum, "nesterov": config.muon_nesterov, "ns_steps": config.muon_ns_steps,
+            "ns_dtype": str(ns_dtype).removeprefix("torch."),
             "lr_scaling": config.muon_lr_scaling,
         })
     return MuonAdamW(groups)
@@ -98,13 +101,14 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, config: OptimConfig, tot
     return config.lr * factor
 
 
-def orthogonalize(matrices: torch.Tensor, steps: int) -> torch.Tensor:
+def orthogonalize(matrices: torch.Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately U V^T of each matrix = U S V^T (a matrix, or a stack of same-shape matrices, which go through
-    together: one batched product instead of many small ones) by the quintic Newton-Schulz iteration of Muon, in bf16.
+    together: one batched product instead of many small ones) by the quintic Newton-Schulz iteration of Muon, in
+    `dtype`: bf16 where its matrix products are fast, fp32 where they are not (CPUs without AMX).
 
     The coefficients trade exactness for speed: singular values end up in roughly [0.7, 1.2], not exactly 1."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = matrices.bfloat16()
+    x = matrices.to(dtype)
     single = x.dim() == 2
     if single:
         x = x[None]
@@ -112,7 +116,7 @@ def orthogonalize(matrices: torch.Tensor, steps: int) -> torch.Tensor:
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)  # Frobenius >= spectral norm: singular values <= 1
-    for _ in range(steps):  # x <- a x + (b G + c G^2) x with G = x x^T; baddbmm rounds once per product in bf16
+    for _ in range(steps):  # x <- a x + (b G + c G^2) x with G = x x^T; baddbmm rounds once per product
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     if tall:
@@ -143,12 +147,12 @@ def row_shard_mesh_dim(p: DTensor) -> int:
 
 
 def orthogonalize_sharded(shards: list[torch.Tensor], shape: torch.Size, mesh: DeviceMesh, mesh_dim: int,
-                          steps: int) -> list[torch.Tensor]:
+                          steps: int, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
     """`orthogonalize` of same-shape matrices whose rows are split over `mesh_dim` of `mesh` as torch.chunk splits
     them (FSDP2's Shard(0): ceil(rows / N) rows per rank, the last ranks fewer or none); `shards` are this rank's
     rows of each. Matrix k goes whole to rank k % N, which orthogonalises its matrices as one batch, and each rank
     gets its rows of every result back: two all-to-alls, so Newton-Schulz work and the bytes a rank receives are
-    1/N of all matrices'. Sent in bf16, what Newton-Schulz rounds to first anyway: the same result as one process."""
+    1/N of all matrices'. Sent in `dtype`, what Newton-Schulz rounds to first anyway: the same result as one process."""
     group, size, rank = mesh.get_group(mesh_dim), mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
     rows, cols = shape
     rows_per_rank = -(-rows // size)
@@ -157,13 +161,13 @@ def orthogonalize_sharded(shards: list[torch.Tensor], shape: torch.Size, mesh: D
         raise ValueError(f"shards of a {rows}x{cols} matrix over {size} ranks must hold torch.chunk's rows")
     owned = [range(owner, len(shards), size) for owner in range(size)]
     mine = len(owned[rank])
-    send = torch.cat([shards[k].bfloat16().flatten() for matrices in owned for k in matrices])
+    send = torch.cat([shards[k].to(dtype).flatten() for matrices in owned for k in matrices])
     to_owners = [len(matrices) * shard_rows[rank] * cols for matrices in owned]
     from_shards = [mine * n * cols for n in shard_rows]
     received = send.new_empty(sum(from_shards))
     dist.all_to_all_single(received, send, from_shards, to_owners, group=group)
     whole = torch.cat([part.view(mine, n, cols) for part, n in zip(received.split(from_shards), shard_rows)], dim=1)
-    ortho = orthogonalize(whole, steps) if mine else whole  # a rank without a matrix in this chunk only relays
+    ortho = orthogonalize(whole, steps, dtype) if mine else whole  # a rank without a matrix here only relays
     send_back = torch.cat([part.flatten() for part in ortho.split(shard_rows, dim=1)])
     returned = send.new_empty(sum(to_owners))
     dist.all_to_all_single(returned, send_back, to_owners, from_shards, group=group)
@@ -221,7 +225,8 @@ class MuonAdamW(torch.optim.Optimizer):
         for indices in same_shape_chunks(plain):
             chunk = [plain[i] for i in indices]
             directions = torch.stack([self._muon_direction(p, group, apply) for p in chunk])
-            self._muon_apply(chunk, orthogonalize(directions, group["ns_steps"]), group, apply)
+            ortho = orthogonalize(directions, group["ns_steps"], getattr(torch, group["ns_dtype"]))
+            self._muon_apply(chunk, ortho, group, apply)
         sharded = [p for p in params if isinstance(p, DTensor)]
         if not sharded:
             return
@@ -231,7 +236,8 @@ class MuonAdamW(torch.optim.Optimizer):
         for indices in same_shape_chunks(sharded, owners=mesh.size(mesh_dim)):
             chunk = [sharded[i] for i in indices]
             directions = [self._muon_direction(p, group, apply) for p in chunk]
-            orthos = orthogonalize_sharded(directions, chunk[0].shape, mesh, mesh_dim, group["ns_steps"])
+            orthos = orthogonalize_sharded(directions, chunk[0].shape, mesh, mesh_dim, group["ns_steps"],
+                                           getattr(torch, group["ns_dtype"]))
             self._muon_apply(chunk, orthos, group, apply)
 
     def _muon_direction(self, p: torch.Tensor, group: dict, apply: torch.Tensor | None) -> torch.Tensor:

@@ -144,7 +144,9 @@ class Trainer:
         self.ema_pipeline = Pipeline(config, ema_trained["denoiser"], ema_text, pipeline.flow).eval()
         self.model, self.ema_model = nn.ModuleDict(trained), nn.ModuleDict(ema_trained)
         self.params = named_parameters(self.model)
-        self.optimizer = build_optimizer(self.params, config.optim)
+        # Newton-Schulz in the compute precision: bf16 where it is fast, fp32 where bf16 products are slow (CPUs
+        # without AMX, where bf16 Newton-Schulz was most of the step, or far more without AVX-512)
+        self.optimizer = build_optimizer(self.params, config.optim, torch.bfloat16 if self.bf16 else torch.float32)
         self.ema = EMA(self.params, named_parameters(self.ema_model), config.ema)
         self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
         self.nonfinite_in_row = torch.zeros((), dtype=torch.int64, device=self.device)
