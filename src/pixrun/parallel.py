@@ -56,14 +56,6 @@ class World:
         if self.distributed:
             dist.barrier()
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank when `flag` is true on any rank (so all ranks stop at the same step)."""
-        if not self.distributed:
-            return flag
-        value = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         if not self.distributed:
             return value
