@@ -124,7 +124,8 @@ class Trainer:
                        for name, module in trained.items()}
         for module in ema_trained.values():
             module.requires_grad_(False)
-        mesh = device_mesh(config.parallel, self.world, self.device) if self._sharded() else None
+        sharded = resolve_strategy(config.parallel, self.world) == "fsdp"
+        mesh = device_mesh(config.parallel, self.world, self.device) if sharded else None
         try:
             self.strategy = parallelize(
                 pipeline.denoiser,
@@ -143,11 +144,11 @@ class Trainer:
         self.pipeline = pipeline
         self.ema_pipeline = Pipeline(config, ema_trained["denoiser"], ema_text, pipeline.flow).eval()
         self.model, self.ema_model = nn.ModuleDict(trained), nn.ModuleDict(ema_trained)
-        self.params = named_parameters(self.model)
+        self.params = dict(self.model.named_parameters())  # by "<owner>.<name>": the keys of checkpoints
         # Newton-Schulz in the compute precision: bf16 where it is fast, fp32 where bf16 products are slow (CPUs
         # without AMX, where bf16 Newton-Schulz was most of the step, or far more without AVX-512)
         self.optimizer = build_optimizer(self.params, config.optim, torch.bfloat16 if self.bf16 else torch.float32)
-        self.ema = EMA(self.params, named_parameters(self.ema_model), config.ema)
+        self.ema = EMA(self.params, dict(self.ema_model.named_parameters()), config.ema)
         self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
         self.nonfinite_in_row = torch.zeros((), dtype=torch.int64, device=self.device)
         self.checkpointer = Checkpointer(self.run_dir, self.model, self.ema_model, self.optimizer, self.world,
@@ -164,9 +165,6 @@ class Trainer:
         self.empty_prompt: torch.Tensor | None = None
         if config.text.cache_dir and not text.trainable:
             self.encode_text = TextCache(config.text.cache_dir, text, writer=str(self.world.rank))
-
-    def _sharded(self) -> bool:
-        return resolve_strategy(self.config.parallel, self.world) == "fsdp"
 
     def counters(self) -> dict[str, torch.Tensor]:
         """The run's device-side counters, saved with each checkpoint and filled in place on resume."""
@@ -193,8 +191,8 @@ class Trainer:
         t = torch.cat([flow.sample_t(1, g) for g in generators])
         eps = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in generators])
         plan = None
-        if config.tread.enabled if stage.tread is None else stage.tread:  # drawn last: runs without TREAD
-            p = config.model.patch_size  # keep the same draws
+        if config.tread.enabled if stage.tread is None else stage.tread:  # drawn last: the other draws stay
+            p = config.model.patch_size
             tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
             plan = denoiser.plan_routing(config.tread, tokens, generators, device)
         x_t = flow.add_noise(x0, eps, t)
@@ -364,11 +362,6 @@ class Trainer:
         if self.stop_requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.stop_requested = True
-
-
-def named_parameters(modules: nn.ModuleDict) -> dict[str, nn.Parameter]:
-    """Parameters by "<owner>.<name>", the keys of checkpoints and exports."""
-    return dict(modules.named_parameters())
 
 
 def build_source(config: Config, world: World, text_tower: TextTower | None = None, pin_memory: bool = False):
