@@ -204,6 +204,13 @@ def not_modelled(config, model_config: ModelConfig, world_size: int) -> dict:
     }
 
 
+def cpu_name() -> str:
+    """The CPU model, and whether it has AMX (bf16 tiles): the figures are byte counts, the times are not."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
+    return f"{model} ({'AMX' if 'amx_tile' in info else 'no AMX'})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model over 4 fake ranks; prints, writes nothing")
@@ -231,8 +238,8 @@ def main() -> None:
     report = {
         "label": "memory_estimate",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} CPU cores, no GPU: fake tensors (FakeTensorMode) on a fake {world_size}-rank "
-                   "process group",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, no GPU: fake tensors (FakeTensorMode) on a fake "
+                   f"{world_size}-rank process group",
         "torch": torch.__version__,
         "config": CONFIG,
         "world_size": world_size,

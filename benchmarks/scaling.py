@@ -480,10 +480,12 @@ def git_commit(src: Path) -> dict:
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "torch": version("torch"), "python": platform.python_version(),
-            "backend": "gloo"}
+    """The CPU (and whether it has AMX, where bf16 is fast): the figures are counts, but a reader compares kinds."""
+    info = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    return {"cpu": model, "amx": "amx_tile" in info, "cores": os.cpu_count(), "torch": version("torch"),
+            "python": platform.python_version(), "backend": "gloo"}
 
 
 def compared(ranks: list[dict]) -> dict:
