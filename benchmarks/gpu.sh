@@ -29,7 +29,7 @@ transformers.Dinov2WithRegistersModel(config).save_pretrained(sys.argv[1])
 EOF
 
 bench() {
-    "$PYTHON" -m pixrun.bench configs/prx-small-pixel.yaml train.precision=bf16 "$@" \
+    "$PYTHON" -m pixrun.cli bench configs/prx-small-pixel.yaml train.precision=bf16 "$@" \
         --steps "$STEPS" --warmup "$WARMUP" --json | tee -a "$OUT" | "$PYTHON" -c \
         "import json, sys; from pixrun.bench import format_report; print(format_report(json.loads(sys.stdin.read())))"
 }
@@ -48,4 +48,11 @@ for size in "512 32" "1024 16"; do
     done
     bench $shape --compare-diffusers
 done
+# The speedrun's plan (docs/budget.md): its two stages, per-GPU batches 32 and 16, the recipe's losses; shapes data
+# and the small text encoder stand in for the prepared shards and T5Gemma (the speedrun caches text embeddings).
+STAGES="[{until_step: 100000, resolution: 512, batch_size: 1024, budget_share: 0.7},
+  {until_step: 120000, resolution: 1024, batch_size: 512, losses: [lpips, pdino], budget_share: 0.3}]"
+"$PYTHON" -m pixrun.cli plan configs/prx-small-pixel.yaml train.precision=bf16 parallel.compile=true $RECIPE \
+    "repa.weight=0.5" "repa.teacher=$DINO" "stages=$STAGES" train.steps=120000 data.resolution=1024 \
+    --budget 24h --devices 32 --price 2 --json | tee -a "$OUT"
 echo "wrote $OUT"

@@ -43,7 +43,8 @@ from pixrun.config import load_config
 from pixrun.flow import Flow
 from pixrun.model import Attention, Denoiser, ModelConfig, RoutePlan, count_parameters
 from pixrun.optim import build_optimizer
-from pixrun.parallel import World, parallelize
+from pixrun.parallel import parallelize
+from pixrun.runtime import World
 
 CONFIG = "configs/prx-speedrun.yaml"
 WORLD_SIZE = 32

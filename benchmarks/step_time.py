@@ -16,7 +16,8 @@ import torch
 
 from pixrun.config import load_config
 from pixrun.optim import build_optimizer
-from pixrun.pipeline import bf16_is_fast, build_pipeline, build_world, compute_context
+from pixrun.pipeline import build_pipeline, build_world
+from pixrun.runtime import bf16_is_fast, compute_context
 
 WARMUP, MEASURED, ROUNDS = 3, 10, 3
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pixrun.flops import denoiser_forward_flops
+from pixrun.flops import denoiser_flops
 from pixrun.model import PRESETS, Denoiser, TokenRouting
 
 BATCH, RESOLUTION, TEXT_TOKENS = 64, 64, 16  # the CPU default's batch and resolution; shapes captions are short
@@ -31,8 +31,8 @@ def flop_ratios() -> dict[str, float]:
     ratios = {}
     for name, (preset, res, text) in cases.items():
         model = PRESETS[preset]
-        routed = denoiser_forward_flops(model, res, res, text, RECIPE)
-        ratios[name] = round(routed / denoiser_forward_flops(model, res, res, text), 3)
+        routed = denoiser_flops(model, res, text, RECIPE)[0]
+        ratios[name] = round(routed / denoiser_flops(model, res, text)[0], 3)
     return ratios
 
 

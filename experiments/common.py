@@ -115,13 +115,14 @@ def held_out_mse(run_dir: Path, step: int, count: int = 256) -> dict:
     """MSE of the EMA model's x̂₀ on `count` held-out shapes-world images, once per t-bin with fixed t and noise:
     the same space whatever the network predicts, and far less noisy than the score. Cached like `evaluate`."""
     from pixrun.metrics import mse_by_t, shapes_reference
-    from pixrun.pipeline import build_world, load_run
+    from pixrun.pipeline import build_world, load_run, load_run_config
 
     key = f"{run_dir.name}@{step}/mse{count}"
     if key not in _cache():
         one_thread()
-        run = load_run(_checkpoint_view(run_dir, step))
-        held_out = shapes_reference(build_world(run.config), run.config.data.resolution, count)
+        view = _checkpoint_view(run_dir, step)
+        run = load_run(view)
+        held_out = shapes_reference(build_world(load_run_config(view)), run.resolution, count)
         _cache_put(key, mse_by_t(run, held_out.load(), held_out.captions))
         print(f"mse {key}: {_cache()[key]}", flush=True)
     return _cache()[key]

@@ -7,7 +7,7 @@ TINY_OVERRIDES = [
     "model.width=32", "model.depth=2", "model.heads=2", "model.axes_dim=[8,8]",
     "model.patch_size=8", "model.bottleneck=16",
     "text.width=32", "text.depth=1", "text.heads=2",
-    "train.batch_size=8", "train.log_every=1", "train.threads=1",
+    "train.batch_size=8", "train.log_every=1", "train.threads=1", "train.budget=", "optim.cooldown=0",
     "sample.steps=4", "sample.grid_seeds=1", "sample.grid_prompts=[a photo of a circle,a photo of a red square]",
     "eval.prompts_per_task=2", "eval.images_per_prompt=1",
 ]

@@ -31,7 +31,7 @@ from pixrun.checkpoint import (
     load_tensors,
 )
 from pixrun.config import ConfigError
-from pixrun.parallel import World
+from pixrun.runtime import World
 from tests.helpers import free_port
 
 COUNTERS = {"ema_updates": 7, "nonfinite_steps": 2}

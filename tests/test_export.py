@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pixrun.checkpoint import latest_checkpoint
+from pixrun.checkpoint import list_checkpoints
 from pixrun.export import ExportError, export_run
 from pixrun.flow import sampling_times
 from pixrun.pipeline import load_run
@@ -26,7 +26,7 @@ def tiny_run(tiny_config, *overrides) -> Path:
     make every image the same and every comparison pass."""
     config = tiny_config(**dict(o.replace(".", "__", 1).split("=", 1) for o in ["train.steps=1", *overrides]))
     run_dir = train(config)
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = list_checkpoints(run_dir)[-1]
     g = torch.Generator().manual_seed(0)
     for name in ("weights", "ema"):
         file = checkpoint / f"{name}.safetensors"

@@ -3,10 +3,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pixrun.losses import WeightsMissingError, gated_mean
-from pixrun.losses.dino import IMAGENET_MEAN, IMAGENET_STD, DinoFeatures
-from pixrun.losses.lpips import LPIPS, LPIPSConfig
+from pixrun.losses.dino import DinoFeatures
+from pixrun.losses.lpips import LPIPS, SCALE, SHIFT, LPIPSConfig
 from pixrun.losses.pdino import PDino, PDinoConfig
 from pixrun.losses.repa import REPA, REPAConfig, load_teacher
 from pixrun.losses.vgg import VGG16Features
@@ -103,10 +104,13 @@ def test_lpips_zero_for_identical_positive_for_different_per_sample():
 
 
 def test_lpips_scaling_layer_is_imagenet_normalisation():
-    lpips = LPIPS()
-    x = images()
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    assert torch.allclose((x - lpips.shift) / lpips.scale, ((x + 1) / 2 - mean) / std, atol=0.02)
+    # ((x + 1) / 2 - mean) / std = (x - (2 mean - 1)) / (2 std): the official constants are these, to the digit
+    assert SHIFT == tuple(round(2 * m - 1, 3) for m in IMAGENET_DEFAULT_MEAN)
+    assert SCALE == tuple(round(2 * s, 3) for s in IMAGENET_DEFAULT_STD)
+    lpips, x = LPIPS(), images()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    # equal but for float32 rounding: values within ±5, so a few ulps of 5 (4.8e-7 each)
+    assert torch.allclose((x - lpips.shift) / lpips.scale, ((x + 1) / 2 - mean) / std, rtol=0, atol=2e-6)
 
 
 def test_lpips_downsamples_before_vgg_and_stays_frozen_in_eval():
@@ -183,7 +187,7 @@ def test_dino_loads_from_a_local_dir_and_returns_patch_tokens_only(tmp_path, reg
     assert type(dino.model) is type(saved)
     assert dino.dim == 32 and dino.prefix == (5 if registers else 1)
     x = images(2, 28)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     with torch.no_grad():
         expected = saved(pixel_values=((x + 1) / 2 - mean) / std).last_hidden_state[:, dino.prefix :]
         tokens = dino(x, (28, 28))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from pixrun.data.shapes import ShapesWorld
 from pixrun.metrics import (
     MetricsConfig,
     distances,
+    generate_batches,
     load_networks,
     mse_by_t,
     quality_metrics,
@@ -315,12 +317,13 @@ def test_shapes_quality_metrics_generates_for_the_reference_captions_and_caches(
     )
     pipeline_config = tiny_config()
     torch.manual_seed(0)
-    pipeline = build_pipeline(pipeline_config, build_world(pipeline_config).vocabulary()).eval()
+    world = build_world(pipeline_config)
+    pipeline = build_pipeline(pipeline_config, world.vocabulary()).eval()
     networks = load_networks(config)
-    scores = shapes_quality_metrics(pipeline, config, networks)
+    scores = shapes_quality_metrics(pipeline, world, config, networks)
     assert set(scores) == {"cmmd", "dino_mmd"} and all(v > 0 for v in scores.values())
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # one per network
-    assert shapes_quality_metrics(pipeline, config, networks) == pytest.approx(scores)
+    assert shapes_quality_metrics(pipeline, world, config, networks) == pytest.approx(scores)
 
 
 def test_unknown_metrics_and_networks_not_loaded_are_rejected():
@@ -352,8 +355,8 @@ def tiny_pipeline(tiny_config):
     return build_pipeline(config, build_world(config).vocabulary()).eval()
 
 
-def test_mse_by_t_reports_each_bin_seeded_and_independent_of_batch_size(tiny_pipeline):
-    world = build_world(tiny_pipeline.config)
+def test_mse_by_t_reports_each_bin_seeded_and_independent_of_batch_size(tiny_pipeline, tiny_config):
+    world = build_world(tiny_config())
     reference = shapes_reference(world, resolution=32, count=5, seed=3)
     images, captions = reference.load(), reference.captions
     untrained = mse_by_t(tiny_pipeline, images, captions, seed=7, batch_size=2)
@@ -378,3 +381,18 @@ def test_mse_by_t_grows_with_noise_for_a_passthrough_denoiser(tiny_pipeline):
     assert scores[0] < scores[1] < scores[2]
     # E[(s·ε - x₀)²] = s² + E[x₀²] = 1 + 1/3 for uniform x₀; E[t²] over [0, 0.3) is 0.03
     assert scores[0] == pytest.approx(0.03 * (1 + 1 / 3), rel=0.3)
+
+
+def test_generated_batches_follow_the_seed_not_the_batch_size_and_take_the_sampling_settings(tiny_pipeline):
+    with torch.no_grad():  # the final layer starts at zero; random values make images differ by prompt and seed
+        for p in tiny_pipeline.denoiser.final_layer.parameters():
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    prompts = ["a photo of a circle", "a photo of a red square", "a photo of two crosses"]
+    batches = list(generate_batches(tiny_pipeline, prompts, seed=4, batch_size=2))
+    assert [len(b) for b in batches] == [2, 1]
+    assert torch.equal(batches[1][0], tiny_pipeline.generate(prompts[2:], seed=6)[0])  # image 2: seed 4 + 2
+    (whole,) = generate_batches(tiny_pipeline, prompts, seed=4, batch_size=3)
+    torch.testing.assert_close(whole, torch.cat(batches), atol=1e-5, rtol=0)
+    one_step = dataclasses.replace(tiny_pipeline.sample, steps=1)
+    (other,) = generate_batches(tiny_pipeline, prompts, seed=4, batch_size=3, sample=one_step)
+    assert (other - whole).abs().max() > 1e-3

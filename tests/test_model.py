@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import pixrun.model
+from pixrun.export import transformer_kwargs
 from pixrun.model import (
     PRESETS,
     Denoiser,
@@ -16,25 +17,19 @@ from pixrun.model import (
 TINY = {"width": 64, "depth": 2, "heads": 4, "axes_dim": [8, 8], "patch_size": 8, "bottleneck": 32, "context_dim": 48}
 
 
-def diffusers_twin(c: ModelConfig):
+@pytest.mark.parametrize("bottleneck", [32, None])
+@pytest.mark.parametrize(("resolution_embeds", "time_factor", "time_max_period"),
+                         [(False, 1000.0, 10000.0), (True, 500.0, 2000.0)])
+def test_same_output_as_diffusers_prx_transformer(bottleneck, resolution_embeds, time_factor, time_max_period):
     from diffusers import PRXTransformer2DModel
 
-    return PRXTransformer2DModel(
-        in_channels=c.in_channels, patch_size=c.patch_size, context_in_dim=c.context_dim, hidden_size=c.width,
-        mlp_ratio=c.mlp_ratio, num_heads=c.heads, depth=c.depth, axes_dim=c.axes_dim, theta=int(c.rope_theta),
-        bottleneck_size=c.bottleneck, resolution_embeds=c.resolution_embeds,
-    )
-
-
-@pytest.mark.parametrize("bottleneck", [32, None])
-@pytest.mark.parametrize("resolution_embeds", [False, True])
-def test_same_output_as_diffusers_prx_transformer(bottleneck, resolution_embeds):
     torch.manual_seed(0)
-    config = ModelConfig(**{**TINY, "bottleneck": bottleneck, "resolution_embeds": resolution_embeds})
+    config = ModelConfig(**{**TINY, "bottleneck": bottleneck, "resolution_embeds": resolution_embeds,
+                            "time_factor": time_factor, "time_max_period": time_max_period})
     ours = Denoiser(config)
     for p in ours.parameters():  # zero-initialised layers would hide mistakes
         torch.nn.init.normal_(p, std=0.05)
-    theirs = diffusers_twin(config)
+    theirs = PRXTransformer2DModel(**transformer_kwargs(config))  # as `pixrun export` and `pixrun bench` build it
     theirs.load_state_dict(ours.state_dict(), strict=True)  # same names, same shapes
     x, t, txt = torch.randn(2, 3, 32, 48), torch.rand(2), torch.randn(2, 5, 48)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -68,8 +63,14 @@ def test_prx_small_pixel_preset_is_about_1_2_billion_parameters():
 
 def test_fresh_model_predicts_zero_and_starts_as_identity_blocks():
     model = Denoiser(ModelConfig(**TINY))
+    seen = []  # (input image tokens, output) of each block
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
     out = model(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 3, 48))
     assert out.abs().max() == 0  # zero-initialised final layer
+    assert len(seen) == 2 and seen[0][0].abs().max() > 0
+    for tokens, block_out in seen:  # zero-initialised adaLN gates: attention and MLP add nothing yet
+        assert torch.equal(block_out, tokens)
 
 
 def test_invalid_shapes_are_rejected():

@@ -18,7 +18,7 @@ from pixrun import optim
 from pixrun.checkpoint import Checkpointer
 from pixrun.model import Denoiser, ModelConfig
 from pixrun.optim import EMA, EMAConfig, MuonAdamW, OptimConfig, build_optimizer, orthogonalize, set_lr
-from pixrun.parallel import World
+from pixrun.runtime import World
 from tests.helpers import HostReads, free_port
 
 TINY = {"width": 32, "depth": 2, "heads": 2, "axes_dim": [8, 8], "patch_size": 8, "bottleneck": 16, "context_dim": 24}
@@ -107,6 +107,16 @@ def test_orthogonalize_flattens_the_spectrum():
     for matrix in (grad, grad.T):
         singular = torch.linalg.svdvals(orthogonalize(matrix, steps=5).float())
         assert singular.min() > 0.6 and singular.max() < 1.25  # all of the same order (bf16 quintic, not exact)
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (256, 64), (48, 300), (3, 40, 200)])
+def test_fp32_newton_schulz_on_the_gram_matrix_equals_the_plain_iteration(shape):
+    """Wide fp32 matrices take the Gram form; float64 takes the plain iteration: the same up to fp32 rounding."""
+    matrices = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    plain = orthogonalize(matrices.double(), steps=5, dtype=torch.float64)
+    gram = orthogonalize(matrices, steps=5, dtype=torch.float32)
+    assert gram.dtype == torch.float32 and gram.shape == matrices.shape
+    torch.testing.assert_close(gram.double(), plain, atol=2e-5, rtol=0)
 
 
 def test_muon_step_moves_a_matrix_along_an_orthogonal_direction():

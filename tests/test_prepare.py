@@ -1,20 +1,27 @@
 import io
 import json
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from webdataset import TarWriter
 
 import pixrun.data.prepare as prepare_module
+from pixrun.config import ConfigError
 from pixrun.data.buckets import make_buckets, parse_bucket
 from pixrun.data.prepare import PrepareOptions, perceptual_hash, prepare_dataset
-from pixrun.data.stream import EmptyDatasetError, TarSample, read_tar_samples
+from pixrun.data.source import read_captions, read_held_out
+from pixrun.data.stream import EmptyDatasetError, ShardStream, TarSample, read_tar_samples
+from pixrun.text import TextConfig, TextTower
+from tests.helpers import image_folder
 
 OPTIONS = PrepareOptions(resolution=64, patch_size=16, min_side=32, processes=1)
+SMALL = PrepareOptions(resolution=32, patch_size=8, min_side=16, processes=1, chunk_size=4)
 
 
 def pattern(seed: int, width: int, height: int) -> np.ndarray:
@@ -74,21 +81,23 @@ def make_bad_data_folder(root):
     return good, bad
 
 
-def read_output(out) -> dict[str, TarSample]:
-    """Kept samples by source item, checked against the index."""
+def read_output(out, part: str = "shards") -> dict[str, TarSample]:
+    """Kept samples by source item, checked against the index: its training shards, or its held-out ones."""
     index = json.loads((out / "index.json").read_text())
     samples = {}
-    for shard in index["shards"]:
+    for shard in index[part]:
         with open(out / shard["path"], "rb") as stream:
             items = list(read_tar_samples(stream, shard["path"]))
         assert len(items) == shard["count"]
         for place, sample in enumerate(items):
             assert isinstance(sample, TarSample)
-            assert sample.key == f"{shard['bucket']}_{shard['path'][-10:-4]}_{place:06d}"
+            prefix = "heldout_" if part == "heldout" else ""
+            assert sample.key == f"{prefix}{shard['bucket']}_{shard['path'][-10:-4]}_{place:06d}"
             with Image.open(io.BytesIO(sample.members["jpg"])) as image:
                 assert image.mode == "RGB" and image.size == parse_bucket(shard["bucket"])
             samples[json.loads(sample.members["json"])["source"]] = sample
-    assert index["samples"] == len(samples)
+    if part == "shards":
+        assert index["samples"] == len(samples)
     return samples
 
 
@@ -276,3 +285,90 @@ def test_output_folder_inside_the_source_is_not_read_as_input(tmp_path):
     first = prepare_dataset(tmp_path / "src", tmp_path / "src" / "prepared", OPTIONS)
     again = prepare_dataset(tmp_path / "src", tmp_path / "src" / "prepared", OPTIONS)
     assert first.kept == again.kept == len(good)
+
+
+def test_held_out_samples_are_kept_apart_and_readable(tmp_path):
+    images = image_folder(tmp_path / "images", 30)
+    options = PrepareOptions(**{**SMALL.__dict__, "heldout": 6, "heldout_share": 0.5})
+    report = prepare_dataset(images, tmp_path / "out", options)
+    assert report.kept == 30 and report.heldout == 6 and "6 of them held out" in report.summary()
+    training, held_out = read_output(tmp_path / "out"), read_output(tmp_path / "out", "heldout")
+    assert len(held_out) == 6 and not set(training) & set(held_out)
+    assert set(training) | set(held_out) == {p.name for p in images.glob("*.jpg")}
+    # The training stream never reads a held-out sample.
+    def pixels(sample: TarSample) -> bytes:
+        return np.asarray(Image.open(io.BytesIO(sample.members["jpg"])).convert("RGB")).tobytes()
+
+    stream = ShardStream(str(tmp_path / "out"), 2, partitions=1, num_workers=0)
+    streamed = {image.permute(1, 2, 0).numpy().tobytes()
+                for _, batch in zip(range(len(stream)), stream.batches()) for image in batch.images}
+    assert len(streamed) == 2 * len(stream) and streamed <= {pixels(sample) for sample in training.values()}
+    assert not streamed & {pixels(sample) for sample in held_out.values()}
+    # The tokenizer's captions are the training captions, none held out.
+    captions = (tmp_path / "out" / "captions.txt").read_text().splitlines()
+    assert read_captions(str(tmp_path / "out")) == captions
+    assert Counter(captions) == Counter(s.members["txt"].decode() for s in training.values())
+
+    grid = read_held_out(str(tmp_path / "out"), 16)
+    assert grid.images.shape == (6, 3, 16, 16) and grid.images.dtype == torch.uint8
+    by_key = {s.key: s for s in held_out.values()}
+    assert grid.captions == [by_key[key].members["txt"].decode() for key in grid.keys]
+    first = np.asarray(Image.open(io.BytesIO(by_key[grid.keys[0]].members["jpg"])).convert("RGB"))
+    side = min(first.shape[:2])  # centre-cropped to a square, then resized
+    top, left = (first.shape[0] - side) // 2, (first.shape[1] - side) // 2
+    expected = Image.fromarray(first[top:top + side, left:left + side]).resize((16, 16), Image.Resampling.LANCZOS)
+    assert np.abs(grid.images[0].permute(1, 2, 0).numpy().astype(int) - np.asarray(expected)).max() <= 2
+    assert -1 <= grid.floats().min() < grid.floats().max() <= 1
+    assert read_held_out(str(tmp_path / "out"), 16, count=4).keys == grid.keys[:4]
+
+    # The choice depends on the inputs' names alone: another split of the work holds out the same images.
+    other = PrepareOptions(**{**options.__dict__, "chunk_size": 1000})
+    prepare_dataset(images, tmp_path / "other", other)
+    assert set(read_output(tmp_path / "other", "heldout")) == set(held_out)
+
+
+def test_small_folder_holds_nothing_out_by_default_and_captions_are_bounded(tmp_path):
+    images = image_folder(tmp_path / "images", 40)  # 1% of 40 inputs is none
+    prepare_dataset(images, tmp_path / "out", PrepareOptions(**{**SMALL.__dict__, "captions": 7}))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["heldout"] == [] and index["samples"] == 40
+    assert len(read_held_out(str(tmp_path / "out"), 16).captions) == 0
+    assert len(read_captions(str(tmp_path / "out"))) == 7
+    with pytest.raises(ValueError, match="heldout_share"):
+        prepare_dataset(images, tmp_path / "bad", PrepareOptions(**{**SMALL.__dict__, "heldout_share": 2.0}))
+
+
+def test_tar_and_parquet_inputs_are_held_out_by_name(tmp_path):
+    """Held-out inputs are chosen before anything is read but names: the names must be those samples get."""
+    (tmp_path / "tars").mkdir()
+    img2dataset_shard(tmp_path / "tars" / "00000.tar", [(f"00000{i}", jpeg(70 + i), f"tar {i}") for i in range(6)])
+    img2dataset_shard(tmp_path / "tars" / "00001.tar", [(f"10000{i}", jpeg(80 + i), f"tar {i}") for i in range(6)])
+    table = pa.table({"image": [jpeg(90 + i) for i in range(12)], "caption": [f"row {i}" for i in range(12)]})
+    pq.write_table(table, tmp_path / "data.parquet", row_group_size=5)
+    for source in (tmp_path / "tars", tmp_path / "data.parquet"):
+        options = PrepareOptions(**{**OPTIONS.__dict__, "heldout": 4, "heldout_share": 0.5})
+        report = prepare_dataset(source, tmp_path / f"out_{source.stem}", options)
+        assert report.kept == 12 and report.heldout == 4
+
+
+def test_small_encoder_learns_its_tokenizer_from_a_prepared_folder(tmp_path):
+    prepare_dataset(image_folder(tmp_path / "images", 12), tmp_path / "out", SMALL)
+    config = TextConfig(width=32, depth=1, heads=2)
+    tower = TextTower.build(config, read_captions(str(tmp_path / "out")), run_dir=tmp_path / "run")
+    tokenizer = tower.tokenizer
+    assert tokenizer.tokenize("a photo of a green square") == ["Ġa", "Ġphoto", "Ġof", "Ġa", "Ġgreen", "Ġsquare"]
+    unseen = tokenizer("a zebra").input_ids[:-1]
+    assert len(unseen) > 2 and tokenizer.unk_token_id not in unseen
+    again = TextTower.load(config, tmp_path / "run")
+    prompts = ["a photo of a zebra", "a blue circle", ""]
+    assert again.tokenizer(prompts).input_ids == tokenizer(prompts).input_ids
+
+
+def test_an_index_without_captions_is_a_clear_error(tmp_path):
+    prepare_dataset(image_folder(tmp_path / "images", 4), tmp_path / "out", SMALL)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    del index["captions"], index["heldout"]  # as an earlier pixrun wrote it
+    (tmp_path / "out" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="prepare it again"):
+        read_captions(str(tmp_path / "out"))
+    assert read_held_out(str(tmp_path / "out"), 16).images.shape == (0, 3, 16, 16)

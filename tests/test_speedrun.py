@@ -1,9 +1,11 @@
 """The 24-hour recipe as a config, and its CPU twin run end to end: stages, LPIPS, P-DINO, REPA, TREAD, Muon."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from pixrun.checkpoint import list_checkpoints, load_tensors
@@ -39,7 +41,9 @@ def test_the_cpu_twin_runs_every_part_and_resumes_across_its_stages(tmp_path):
     records = {r["step"]: r for r in map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines())}
     assert {"flow_loss", "lpips", "pdino", "repa"} <= set(records[6])  # stage 1: every loss
     assert {"lpips", "pdino"} <= set(records[7]) and "repa" not in records[7]  # stage 2: REPA off
-    assert all(r["loss"] == r["loss"] for r in records.values())
+    for r in records.values():  # every term the step computed went into the loss it optimised, and all are finite
+        terms = [r["flow_loss"]] + [r[name] for name in ("lpips", "pdino", "repa") if name in r]
+        assert all(map(math.isfinite, [r["loss"], *terms])) and r["loss"] == pytest.approx(sum(terms), rel=1e-5)
     weights = load_tensors(list_checkpoints(tmp_path / "straight")[-1], "weights")
     assert any(k.startswith("repa_projector.") for k in weights)
 

@@ -7,12 +7,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pixrun.checkpoint import list_checkpoints, load_state
 from pixrun.cli import _caption_embedder
 from pixrun.config import ConfigError
 from pixrun.data.prepare import PrepareOptions, prepare_dataset
-from pixrun.parallel import World
+from pixrun.runtime import World
 from pixrun.train import build_source, train
 from tests.helpers import image_folder, tiny_t5
 from tests.test_faults import assert_identical
@@ -69,8 +70,27 @@ def test_training_on_prepared_shards_resumes_without_repeating_or_skipping(tiny_
     resumed = resume_from(straight.run_dir, 2, tmp_path, "resumed")
     train(tiny_config("resumed", **common), resume="auto")
     assert_identical(list_checkpoints(straight.run_dir)[-1], list_checkpoints(resumed)[-1])
-    with pytest.raises(ConfigError, match="pretrained"):
-        tiny_config(**{k: v for k, v in common.items() if k != "text__encoder"})
+
+
+def test_the_small_encoder_trains_on_a_prepared_folder_shown_and_measured_on_held_out_samples(tiny_config, tmp_path):
+    """No downloaded encoder: the tokenizer is learnt from the folder's captions; the grid shows held-out
+    captions beside their real images, and the metrics and MSE by t are taken on the held-out images."""
+    options = PrepareOptions(resolution=32, patch_size=8, min_side=16, processes=1, heldout=6, heldout_share=0.5)
+    prepare_dataset(image_folder(tmp_path / "images", 40), tmp_path / "prepared", options)
+    common = {"data__source": "shards", "data__shards": str(tmp_path / "prepared"), "data__num_workers": 0,
+              "data__partitions": 1, "train__batch_size": 4, "train__sample_every": 2, "train__checkpoint_every": 2}
+    config = tiny_config(**common, train__steps=4, train__metrics_every=4, metrics__random_init=True,
+                         metrics__metrics="[fid,kid]", metrics__num_images=4, metrics__cache_dir="''")
+    run_dir = Path(train(config))
+    grid = Image.open(run_dir / "samples" / "step_0000004.png")
+    grid_prompts = 2  # sample.grid_prompts of the tiny config: as many held-out rows, each real + 1 generated
+    assert grid.height == grid_prompts * (2 * 32 + 2)
+    quality = [json.loads(line) for line in (run_dir / "quality.jsonl").read_text().splitlines()]
+    assert {"fid", "kid", "mse_t0.0-0.3"} <= set(quality[-1]) and math.isfinite(quality[-1]["fid"])
+    vocabulary = json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert "Ġphoto" in vocabulary  # a word of the folder's captions, not of the shapes world's
+    train(tiny_config(**common, train__steps=6), resume="auto")
+    assert list_checkpoints(run_dir)[-1].name == "step_0000006"
 
 
 def test_prepare_and_train_complete_on_the_bad_data_corpus(tiny_config, tmp_path):

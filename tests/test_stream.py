@@ -69,10 +69,10 @@ def take(stream, steps, start=0):
 
 
 def global_batches(root, world_size, steps, start=0, **options):
-    """Each step's global batch: the keys of the ranks' rows, concatenated in rank order."""
+    """Each step's global batch: the keys (the captions) of the ranks' rows, concatenated in rank order."""
     ranks = [make_stream(root, rank=r, world_size=world_size, **options) for r in range(world_size)]
     per_rank = [take(stream, steps, start) for stream in ranks]
-    return [[key for batch in step for key in batch.keys] for step in zip(*per_rank)]
+    return [[key for batch in step for key in batch.captions] for step in zip(*per_rank)]
 
 
 def test_one_two_and_four_ranks_see_the_same_global_batches(tmp_path):
@@ -88,19 +88,19 @@ def test_one_two_and_four_ranks_see_the_same_global_batches(tmp_path):
     for batch in take(make_stream(root, rank=1, world_size=2), 5):
         width, height = batch.bucket
         assert batch.images.shape == (4, 3, height, width) and batch.images.dtype == torch.uint8
-        assert batch.captions == batch.keys and batch.embeddings is None and batch.skipped == {}
+        assert batch.embeddings is None and batch.skipped == {}
         assert batch.rows == [0, 1, 2, 3]
 
 
 def test_a_rank_serves_its_partitions_rows_and_reads_only_their_shards(tmp_path):
     root = write_dataset(tmp_path / "data", EVEN)
-    shards = [{key.split("_")[1] for batch in take(make_stream(root, rank=r, world_size=2), 7) for key in batch.keys}
+    shards = [{key.split("_")[1] for batch in take(make_stream(root, rank=r, world_size=2), 7) for key in batch.captions}
               for r in range(2)]
     assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == 6
     # Rank 0's rows are global rows 0-3, rank 1's are 4-7: partitions 0-1 and 2-3 of the four.
     everyone = global_batches(root, 4, 7)
     for step, (first, second) in enumerate(zip(*[take(make_stream(root, rank=r, world_size=2), 7) for r in range(2)])):
-        assert first.keys == everyone[step][:4] and second.keys == everyone[step][4:]
+        assert first.captions == everyone[step][:4] and second.captions == everyone[step][4:]
 
 
 def test_each_shard_is_read_once_per_rank_and_epoch_with_two_workers(tmp_path, monkeypatch):
@@ -135,7 +135,7 @@ def test_batches_are_the_same_for_any_number_of_workers(tmp_path):
     root = write_dataset(tmp_path / "data", LAYOUT)
     runs = [take(make_stream(root, rank=1, world_size=2, num_workers=n), 10) for n in (0, 2, 3)]
     for batches in runs[1:]:
-        assert [b.keys for b in batches] == [b.keys for b in runs[0]]
+        assert [b.captions for b in batches] == [b.captions for b in runs[0]]
         assert all(torch.equal(b.images, a.images) and b.images.dtype == torch.uint8 for a, b in zip(runs[0], batches))
 
 
@@ -145,13 +145,13 @@ def test_resume_on_another_world_size_continues_the_same_global_order(tmp_path, 
     root = write_dataset(tmp_path / "data", LAYOUT)
     uninterrupted = global_batches(root, 2, 10)
     first_run = [make_stream(root, rank=r, world_size=2) for r in range(2)]
-    taken = [[key for batch in step for key in batch.keys] for step in zip(*[take(s, stop) for s in first_run])]
+    taken = [[key for batch in step for key in batch.captions] for step in zip(*[take(s, stop) for s in first_run])]
     assert taken == uninterrupted[:stop]
     state = json.loads(json.dumps(first_run[0].state_dict()))  # saved as JSON with the checkpoint
     resumed = [make_stream(root, rank=r, world_size=world_size) for r in range(world_size)]
     for stream in resumed:
         stream.load_state_dict(state)
-    rest = [[key for batch in step for key in batch.keys] for step in zip(*[take(s, 10 - stop, stop) for s in resumed])]
+    rest = [[key for batch in step for key in batch.captions] for step in zip(*[take(s, 10 - stop, stop) for s in resumed])]
     assert rest == uninterrupted[stop:]
 
 
@@ -163,7 +163,7 @@ def test_starting_mid_epoch_reads_only_the_shards_it_uses(tmp_path, monkeypatch)
     stream = make_stream(root, shuffle_shards=1)
     opened.clear()  # the index
     (batch,) = take(stream, 1, start=len(stream) - 1)
-    used = {f"{root}/shards/{key.split('_')[0]}/{key.split('_')[1]}.tar" for key in batch.keys}
+    used = {f"{root}/shards/{key.split('_')[0]}/{key.split('_')[1]}.tar" for key in batch.captions}
     assert sorted(opened) == sorted(used)
     assert len(opened) < len(EVEN) // 2
 
@@ -247,12 +247,12 @@ def test_bad_samples_inside_shards_are_skipped_and_counted(tmp_path, caplog):
     bad = {"16x16_000000_000003", "16x16_000001_000002", "16x16_000002_000001"}
     stream = make_stream(root, global_batch_size=4)
     batches = take(stream, len(stream))
-    keys = [key for batch in batches for key in batch.keys]
+    keys = [key for batch in batches for key in batch.captions]
     assert sorted(keys) == sorted({f"16x16_{n:06d}_{p:06d}" for n in range(4) for p in range(4)} - bad)
     assert stream.skipped == {"unreadable image": 1, "missing caption": 1, "missing image": 1}
     assert stream.state_dict()["skipped"] == stream.skipped
     assert "16x16/000001.tar" in caplog.text and "bad header" in caplog.text
-    assert all(len(b.images) == len(b.keys) == len(b.rows) and b.rows == sorted(b.rows) for b in batches)
+    assert all(len(b.images) == len(b.captions) == len(b.rows) and b.rows == sorted(b.rows) for b in batches)
     assert sum(len(b) for b in batches) == 13
 
 
@@ -263,7 +263,7 @@ def test_truncated_shard_loses_only_its_tail(tmp_path):
         cut = tar.getmember("16x16_000000_000006.jpg").offset_data + 10
     path.write_bytes(path.read_bytes()[:cut])
     stream = make_stream(root, global_batch_size=4, partitions=1)
-    keys = [key for batch in take(stream, len(stream)) for key in batch.keys]
+    keys = [key for batch in take(stream, len(stream)) for key in batch.captions]
     assert sorted(keys) == [f"16x16_000000_{p:06d}" for p in range(6)]
     assert stream.skipped == {"missing from shard": 2}
 
@@ -287,16 +287,16 @@ def test_data_set_whose_every_sample_is_bad_is_a_clear_error(tmp_path):
 
 def test_shards_through_a_pipe_url(tmp_path):
     root = write_dataset(tmp_path / "data", LAYOUT)
-    local = [b.keys for b in take(make_stream(root), 5)]
+    local = [b.captions for b in take(make_stream(root), 5)]
     piped = make_stream(root, shard_url=f"pipe:cat {root}/{{path}}")
-    assert [b.keys for b in take(piped, 5)] == local
+    assert [b.captions for b in take(piped, 5)] == local
 
 
 def test_shard_whose_pipe_fails_is_skipped_and_counted(tmp_path):
     root = write_dataset(tmp_path / "data", EVEN)
     (root / "shards/32x16/000009.tar").unlink()  # `cat` exits with an error for this one
     stream = make_stream(root, shard_url=f"pipe:cat {root}/{{path}} 2>/dev/null")
-    keys = {key for batch in take(stream, len(stream)) for key in batch.keys}
+    keys = {key for batch in take(stream, len(stream)) for key in batch.captions}
     everything = {f"{b}_{n:06d}_{p:06d}" for n, (b, count) in enumerate(EVEN) for p in range(count)}
     assert keys == everything - {f"32x16_000009_{p:06d}" for p in range(6)}
     assert stream.skipped == {"missing from shard": 6}
@@ -336,9 +336,9 @@ def test_shard_source_follows_the_step_and_converts_on_the_device(tmp_path):
     straight = [source.batch(step, plan[0], 0) for step in range(4)]
     straight += [source.batch(step, plan[1], 4) for step in range(4, 8)]
     assert [b.images.shape[0] for b in straight] == [4] * 4 + [2] * 4
-    assert [b.captions for b in straight[:4]] == [b.keys for b in take(make_stream(root, rank=1, world_size=2), 4)]
+    assert [b.captions for b in straight[:4]] == [b.captions for b in take(make_stream(root, rank=1, world_size=2), 4)]
     second_stage = make_stream(root, global_batch_size=4, seed=7, rank=1, world_size=2)
-    assert [b.captions for b in straight[4:]] == [b.keys for b in take(second_stage, 4)]
+    assert [b.captions for b in straight[4:]] == [b.captions for b in take(second_stage, 4)]
     resumed = make()
     resumed.load_state_dict(json.loads(json.dumps(source.state_dict())))
     assert [resumed.batch(step, plan[1], 4).captions for step in (6, 7)] == [b.captions for b in straight[6:]]

@@ -1,8 +1,19 @@
+import numpy as np
 import pytest
 import torch
 import transformers
 
-from pixrun.text import CLEANERS, TextConfig, TextTower, basic_clean, web_clean, word_tokenizer
+from pixrun.data.shapes import SHAPE_KINDS, ShapesWorld
+from pixrun.evaluate import evaluation_prompts
+from pixrun.text import CLEANERS, TextConfig, TextTower, basic_clean, train_tokenizer, web_clean
+
+CAPTIONS = [
+    "A red bicycle leaning against a brick wall.",
+    "Two dogs playing in the snow, photographed at dusk.",
+    "A bowl of ramen with a soft-boiled egg and scallions",
+    "Close-up of a hummingbird feeding from a red flower",
+    "An old lighthouse on a rocky coast under a stormy sky",
+]
 
 
 def test_small_tower_tokenizes_words_pads_and_learns():
@@ -13,6 +24,50 @@ def test_small_tower_tokenizes_words_pads_and_learns():
     assert tower.tokenizer.unk_token_id not in tower.tokenizer("a photo of a Circle").input_ids  # lower-cased
     emb.sum().backward()
     assert all(p.grad is not None for p in tower.encoder.parameters() if p.requires_grad)
+
+
+def test_shapes_world_words_stay_one_token_each():
+    """The default's tokenizer, learnt from the world's words, is word-level there, as it was before it was learnt:
+    every word of every training caption and evaluation prompt is one piece."""
+    world = ShapesWorld(kinds=SHAPE_KINDS)
+    tower = TextTower.build(TextConfig(width=32, depth=1, heads=2), world.vocabulary())
+    captions = [world.sample_scene(np.random.default_rng(i)).caption for i in range(300)]
+    prompts = [spec.prompt for spec in evaluation_prompts(world, per_task=8)]
+    for prompt in captions + prompts:
+        ids = tower.tokenizer(prompt).input_ids
+        assert len(ids) == len(prompt.split()) + 1, tower.tokenizer.convert_ids_to_tokens(ids)
+    assert len(tower.tokenizer) < 512  # merges stop once every word is one piece: no table of unused rows
+    # A vocabulary too small for whole words splits them, but into known pieces.
+    small = train_tokenizer(world.vocabulary(), 270)
+    ids = small("a photo of two crosses").input_ids
+    assert len(ids) > 6 and small.unk_token_id not in ids
+
+
+def test_tokenizer_learnt_from_captions_encodes_unseen_words_into_known_pieces(tmp_path):
+    config = TextConfig(width=32, depth=1, heads=2, vocab_size=300)
+    tower = TextTower.build(config, CAPTIONS * 20, run_dir=tmp_path)
+    tokenizer = tower.tokenizer
+    assert len(tokenizer) == 300  # the captions have more to merge than the vocabulary holds
+    assert tokenizer.tokenize("A red") == ["Ġa", "Ġred"]  # the most frequent words became whole pieces
+    unseen = tokenizer("a xylophone, Zürich 🦜").input_ids[:-1]
+    pieces = tokenizer.convert_ids_to_tokens(unseen)
+    assert len(pieces) > 6 and tokenizer.unk_token_id not in unseen
+    assert tokenizer.decode(unseen).strip() == "a xylophone, zürich 🦜"  # nothing lost, lower-cased
+    again = TextTower.load(config, tmp_path)
+    prompts = ["Two dogs on a rocky coast", "a xylophone, Zürich 🦜", ""]
+    assert again.tokenizer(prompts).input_ids == tokenizer(prompts).input_ids
+    assert TextTower.build(config, CAPTIONS * 20).tokenizer.get_vocab() == tokenizer.get_vocab()  # every rank alike
+
+
+def test_tokenizer_is_learnt_from_cleaned_captions():
+    config = TextConfig(width=32, depth=1, heads=2, vocab_size=4096)
+    raw = TextTower.build(config, ["fish &amp; chips"] * 10)
+    assert "Ġ&amp;" not in raw.tokenizer.get_vocab() and "Ġ&" in raw.tokenizer.get_vocab()
+
+
+def test_vocab_size_is_checked():
+    with pytest.raises(ValueError, match="text.vocab_size must be at least 259"):
+        TextConfig(vocab_size=100).validate()
 
 
 def test_run_tower_reloads_from_its_saved_definition(tmp_path):
@@ -26,7 +81,7 @@ def test_run_tower_reloads_from_its_saved_definition(tmp_path):
 
 def test_pretrained_encoder_loads_from_a_local_path_and_stays_frozen(tmp_path):
     # What a user does with a hub id, here with a tiny random encoder saved locally.
-    tokenizer = word_tokenizer(["a", "red", "circle"])
+    tokenizer = train_tokenizer(["a red circle"], 300)
     encoder = transformers.T5EncoderModel(
         transformers.T5Config(vocab_size=len(tokenizer), d_model=24, d_kv=8, num_heads=3, num_layers=1, d_ff=48)
     )
@@ -37,7 +92,7 @@ def test_pretrained_encoder_loads_from_a_local_path_and_stays_frozen(tmp_path):
     emb, mask = tower(["a red circle", "a"])
     assert emb.shape == (2, 3, 24) and mask.tolist() == [[True, True, True], [True, True, False]]  # truncated
     ids = tokenizer("a red circle", truncation=True, max_length=3).input_ids
-    assert tokenizer.convert_ids_to_tokens(ids) == ["a", "red", "</s>"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["Ġa", "Ġred", "</s>"]
     expected = encoder.eval()(input_ids=torch.tensor([ids])).last_hidden_state
     assert torch.allclose(emb[:1], expected, atol=1e-6)
 
@@ -49,7 +104,7 @@ def test_prompt_cleaning_settings():
     vocabulary = ["a", "red", "&", "circle"]
     raw = TextTower.build(TextConfig(width=32, depth=1, heads=2, clean="none"), vocabulary)
     cleaned = TextTower.build(TextConfig(width=32, depth=1, heads=2, clean="basic"), vocabulary)
-    assert raw.tokenizer.unk_token_id in raw.tokenizer("a red &amp; circle").input_ids
-    assert cleaned(["a red &amp; circle"])[1].sum() == 5 and raw(["a red &amp; circle"])[1].sum() == 7
+    assert raw.tokenizer.tokenize("a red &amp; circle") == ["Ġa", "Ġred", "Ġ&", "a", "m", "p", ";", "Ġcircle"]
+    assert cleaned(["a red &amp; circle"])[1].sum() == 5 and raw(["a red &amp; circle"])[1].sum() == 9
     with pytest.raises(ValueError, match="text.clean"):
         TextConfig(clean="strict").validate()

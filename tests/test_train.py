@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pixrun.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer_tensors, load_tensors
+from pixrun.checkpoint import list_checkpoints, load_optimizer_tensors, load_tensors
 from pixrun.config import ConfigError
 from pixrun.pipeline import load_run
 from pixrun.train import Trainer, train
@@ -19,7 +19,7 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tiny_config):
     second_half = tiny_config("resumed", train__steps=6, train__checkpoint_every=3, train__sample_every=3)
     train(second_half, resume="latest")
 
-    a, b = latest_checkpoint(straight.run_dir), latest_checkpoint(second_half.run_dir)
+    a, b = list_checkpoints(straight.run_dir)[-1], list_checkpoints(second_half.run_dir)[-1]
     assert a.name == b.name == "step_0000006"
     for name in ("weights", "ema", "optimizer"):
         ta, tb = ((load_optimizer_tensors(p) if name == "optimizer" else load_tensors(p, name)) for p in (a, b))
@@ -65,14 +65,16 @@ def test_refuses_to_overwrite_a_run_and_to_resume_with_another_model(tiny_config
 
 def test_quality_metrics_during_training_are_logged(tiny_config):
     config = tiny_config(
-        train__steps=2, train__metrics_every=2, metrics__metrics="[fid,kid]", metrics__random_init="true",
+        train__steps=3, train__metrics_every=2, metrics__metrics="[fid,kid]", metrics__random_init="true",
         metrics__num_images=4, metrics__kid_subsets=2, metrics__kid_subset_size=4, metrics__cache_dir="''",
     )
     run_dir = train(config)
     records = [json.loads(line) for line in (run_dir / "quality.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2]
-    assert {"fid", "kid", "mse_t0.0-0.3", "mse_t0.6-1.0"} <= set(records[0])
-    assert all(math.isfinite(v) and v >= 0 for k, v in records[0].items() if k not in ("step", "time", "kid"))
+    assert [r["step"] for r in records] == [0, 2, 3]  # the untrained model, every 2 steps, and the last
+    for record in records:
+        assert {"fid", "kid", "mse_t0.0-0.3", "mse_t0.6-1.0"} <= set(record)
+        assert all(math.isfinite(v) and v >= 0 for k, v in record.items() if k not in ("step", "time", "kid"))
+    assert (run_dir / "samples" / "step_0000000.png").is_file()
 
 
 @pytest.mark.parametrize("extra", [{}, {"tread__enabled": "true", "model__depth": 3}], ids=["plain", "tread"])

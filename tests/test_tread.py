@@ -101,3 +101,19 @@ def test_plan_tells_which_tokens_each_block_sees():
     plan = model.plan_routing(TokenRouting(), 16, generators(2, 0), "cpu")
     assert plan.tokens_at(0) is None and plan.tokens_at(3) is None
     assert plan.tokens_at(1) is plan.kept_index and plan.tokens_at(2) is plan.kept_index
+
+
+@pytest.mark.parametrize("block", [0, 1, 2, 3])
+@pytest.mark.parametrize("routed", [False, True])
+def test_the_hidden_state_asked_for_is_the_blocks_output_and_leaves_the_prediction_alone(block, routed):
+    model = random_model()
+    x, t, txt, mask = inputs()
+    plan = model.plan_routing(TokenRouting(), 16, generators(2, 0), "cpu") if routed else None
+    seen = []
+    hook = model.blocks[block].register_forward_hook(lambda module, args, output: seen.append(output))
+    out, hidden = model(x, t, txt, mask, routing=plan, hidden_at=block)
+    hook.remove()
+    assert torch.equal(hidden, seen[0])
+    tokens = 16 if plan is None or plan.tokens_at(block) is None else plan.kept_index.shape[1]
+    assert hidden.shape == (2, tokens, model.config.width)
+    assert torch.equal(out, model(x, t, txt, mask, routing=plan))

@@ -1,30 +1,34 @@
 """`pixrun bench`: how fast a config trains on this device, and pixrun's denoiser against diffusers' twin.
 
 `run_bench` times full optimisation steps (`Trainer.step`: data, text tower, denoiser, losses, optimizer, EMA)
-after warm-up, and turns the time into images/s, tokens/s, achieved TFLOP/s and MFU with the FLOPs counted
-from the architecture (`pixrun.flops`). MFU is measured against the device's dense bf16 peak from the vendor's
-datasheet; on CPUs and GPUs not in the table, against the peak of one large matmul measured on the spot in the
-precision the step computes in. `compare_diffusers` times forward + backward of pixrun's `Denoiser` and of
-diffusers' `PRXTransformer2DModel` holding the same weights, interleaved in one process.
+after warm-up, and turns the time into images/s, tokens/s, achieved TFLOP/s and MFU with the model FLOPs torch
+counts for the step's networks on the meta device (`pixrun.flops`). MFU is measured against the device's dense
+bf16 peak from the vendor's datasheet; on CPUs and GPUs not in the table, against the peak of one large matmul
+measured on the spot in the precision the step computes in. `compare_diffusers` times forward + backward of
+pixrun's `Denoiser` and of diffusers' `PRXTransformer2DModel` holding the same weights, interleaved in one process.
 """
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from pixrun.config import Config, ConfigError, load_config
-from pixrun.flops import DINOV2_BASE_REGISTERS, FlopCount, ViTShape, t5_shape, training_flops
+from pixrun.config import Config, load_config
+from pixrun.errors import ConfigError
+from pixrun.export import transformer_kwargs
+from pixrun.flops import training_flops
 from pixrun.model import Denoiser, ModelConfig, count_parameters
-from pixrun.pipeline import compute_context, resolve_device, uses_bf16
+from pixrun.pipeline import denoiser_config
+from pixrun.runtime import compute_context, resolve_device, uses_bf16
+from pixrun.train import Trainer
 
 # Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets (the figures "with sparsity" are twice these),
 # matched in order against torch.cuda.get_device_name(), so that longer names come before their prefixes.
@@ -107,82 +111,54 @@ def peak_tflops(device: torch.device, bf16: bool) -> tuple[float, str]:
     return measured_matmul_tflops(device, dtype), f"measured {str(dtype)[6:]} matmul ({sizes}, best), on the spot"
 
 
-def config_flops(
-    config: Config, text_tokens: int, text_encoder=None, text_encoder_trained: bool = True, step: int = 0
-) -> FlopCount:
-    """FLOPs per image of training step `step` of `config`: the denoiser with its TREAD routing, and each loss the
-    config switches on. `text_encoder` is a transformers config, counted when it is a T5."""
-    lpips, pdino, repa = config.lpips, config.pdino, config.repa
-    resolution = config.data.resolution
-    return training_flops(
-        config.model,
-        resolution,
-        text_tokens,
-        routing=config.tread,
-        text_encoder=t5_shape(text_encoder) if text_encoder is not None else None,
-        text_encoder_trained=text_encoder_trained,
-        lpips_size=int(resolution * lpips.downsample) if lpips.weight > 0 else None,
-        pdino_size=pdino.size if pdino.weight > 0 else None,
-        pdino_vit=RANDOM_INIT_DINO if pdino.random_init else DINOV2_BASE_REGISTERS,
-        repa_block=repa.block if repa.active(step) else None,
-        repa_hidden=repa.hidden,
-        repa_teacher=RANDOM_INIT_DINO if repa.random_init else DINOV2_BASE_REGISTERS,
-    )
-
-
-# the tiny ViT that `random_init` DINO losses use (pixrun.losses.dino), so a CPU demo's count is its own
-RANDOM_INIT_DINO = ViTShape(width=64, depth=2, mlp_dim=256, patch=14, registers=4)
-
-
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss: the whole process's peak resident memory"
 
 
-def data_time_and_text_tokens(trainer, steps: range) -> tuple[float, float]:
-    """Seconds per step spent making the batch (the shapes world renders it on the CPU, inside the step), and the
-    mean padded caption length the text tower saw (captions are padded to the longest of the batch)."""
+def data_time_and_text_tokens(trainer, steps: range) -> tuple[float, float, bool]:
+    """Seconds per step spent making the batch (the shapes world renders it on the CPU, inside the step), the mean
+    padded caption length the text tower saw (captions are padded to the longest of the batch), and whether the
+    batches brought their text embeddings along (prepared shards)."""
     config, tower = trainer.config, trainer.pipeline.text_tower
-    seconds, lengths = 0.0, []
+    seconds, lengths, precomputed = 0.0, [], False
     for step in steps:
         start = time.perf_counter()
-        captions = trainer.source.batch(step, *config.stage_at(step)).captions
+        batch = trainer.source.batch(step, *config.stage_at(step))
         seconds += time.perf_counter() - start
-        tokens = tower.tokenizer(captions, padding=True, truncation=True, max_length=tower.max_tokens)
+        tokens = tower.tokenizer(batch.captions, padding=True, truncation=True, max_length=tower.max_tokens)
         lengths.append(len(tokens["input_ids"][0]))
-    return seconds / len(steps), sum(lengths) / len(lengths)
+        precomputed |= batch.embeddings is not None
+    return seconds / len(steps), sum(lengths) / len(lengths), precomputed
 
 
-def one_stage(config: Config, index: int) -> Config:
-    """A staged config reduced to its stage `index` (resolution, batch, losses, TREAD, data), so that the timed
-    steps and the FLOP count are of that stage."""
-    config = copy.deepcopy(config)
-    if not config.stages:
-        return config
-    if not 0 <= index < len(config.stages):
-        raise ConfigError(f"--stage {index}: the config has stages 0 to {len(config.stages) - 1}")
-    stage = config.stages[index]
-    config.data.resolution, config.train.batch_size = stage.resolution, stage.batch_size
-    config.data.shards = stage.shards or config.data.shards
-    if stage.tread is not None:
-        config.tread.enabled = stage.tread
-    for name in ("lpips", "pdino", "repa"):
-        if stage.losses is not None and name not in stage.losses:
-            getattr(config, name).weight = 0.0
-    config.repa.until_step = None
-    config.stages = []
-    config.train.steps = max(config.train.steps, 1)
-    return config
+def stage_steps(config: Config, stage: int, count: int) -> range:
+    """The first `count` steps of stage `stage`, as global step numbers: the trainer runs them at that stage's
+    resolution, batch, losses and routing, as a run would. A stage shorter than `count` is stretched first, in
+    `config`: its step boundaries (stages, train.steps, repa.until_step) times the smallest whole factor that makes
+    it long enough, as a longer run in the same proportions."""
+    plan = config.stage_plan()
+    if not 0 <= stage < len(plan):
+        raise ConfigError(f"--stage {stage}: the config has stages 0 to {len(plan) - 1}")
+    start = plan[stage - 1].until_step if stage else 0
+    factor = -(-count // (plan[stage].until_step - start))
+    if factor > 1:
+        for each in config.stages:
+            each.until_step *= factor
+        config.train.steps *= factor
+        if config.repa.until_step is not None:
+            config.repa.until_step *= factor
+    return range(factor * start, factor * start + count)
 
 
 def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | None = None, label: str = "",
               stage: int = 0) -> dict:
-    """Time `steps` training steps after `warmup` ones (of stage `stage` of a staged config); one flat dict of
-    figures (FLOPs are per image)."""
-    from pixrun.train import Trainer
-
-    config = one_stage(config, stage)
+    """Time `steps` training steps after `warmup` ones, the first of stage `stage` (of a staged config); one flat
+    dict of figures (FLOPs are per image)."""
+    config = copy.deepcopy(config)
+    run = stage_steps(config, stage, warmup + steps)
+    timed = run[warmup:]
     if device is not None:
         config.train.device = device
     with tempfile.TemporaryDirectory() as run_dir:
@@ -192,44 +168,49 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | No
             device = trainer.device
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            for step in range(warmup):
+            for step in run[:warmup]:
                 trainer.step(step)
             synchronize(device)
             start = time.perf_counter()
-            for step in range(warmup, warmup + steps):
+            for step in timed:
                 trainer.step(step)
             synchronize(device)
             step_s = (time.perf_counter() - start) / steps
             memory, memory_source = peak_memory_bytes(device)
-            data_s, text_tokens = data_time_and_text_tokens(trainer, range(warmup, warmup + steps))
-            tower = trainer.pipeline.text_tower
+            data_s, text_tokens, precomputed = data_time_and_text_tokens(trainer, timed)
+            encoder = trainer.pipeline.text_tower.encoder.config
+            model = trainer.pipeline.denoiser.config
             denoiser_params = count_parameters(trainer.pipeline.denoiser)
             processes = trainer.world.size
         finally:
             trainer.close()
-    tc, model = config.train, config.model
-    bf16 = uses_bf16(device, tc.precision)
-    flops = config_flops(config, round(text_tokens), tower.encoder.config, tower.trainable, step=warmup)
+    stage_config, _ = config.stage_at(timed.start)
+    bf16 = uses_bf16(device, config.train.precision)
+    # the text tower counts where the step runs it: not where its states come prepared or from the text cache
+    text_runs = config.text.trainable or not (precomputed or config.text.cache_dir)
+    flops = training_flops(dataclasses.replace(config, model=model), timed.start, round(text_tokens),
+                           encoder if text_runs else None)
     peak, peak_source = peak_tflops(device, bf16)
-    images_per_s = tc.batch_size / step_s  # the global batch: with several processes, all of them together
+    image_tokens = (stage_config.resolution // model.patch_size) ** 2
+    images_per_s = stage_config.batch_size / step_s  # the global batch: all processes together
     achieved = flops.total * images_per_s / 1e12
     return {
         **environment(label, device, bf16),
         "compile": config.parallel.compile,
         "processes": processes,
-        "batch_size": tc.batch_size,
-        "resolution": config.data.resolution,
+        "batch_size": stage_config.batch_size,
+        "resolution": stage_config.resolution,
         "model_width": model.width,
         "model_depth": model.depth,
         "denoiser_params": denoiser_params,
-        "image_tokens": (config.data.resolution // model.patch_size) ** 2,
+        "image_tokens": image_tokens,
         "text_tokens": text_tokens,
         "steps": steps,
         "warmup": warmup,
         "step_ms": 1000 * step_s,
         "data_ms": 1000 * data_s,
         "images_per_s": images_per_s,
-        "image_tokens_per_s": images_per_s * (config.data.resolution // model.patch_size) ** 2,
+        "image_tokens_per_s": images_per_s * image_tokens,
         "flops_per_image": flops.as_dict(),
         "achieved_tflops": achieved,
         "peak_tflops": peak,  # of one device
@@ -241,17 +222,12 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | No
 
 
 def diffusers_twin(model: ModelConfig):
-    """diffusers' PRXTransformer2DModel with pixrun's model settings."""
-    try:
+    """diffusers' PRXTransformer2DModel with pixrun's model settings, as `pixrun export` builds it."""
+    try:  # here: diffusers is optional, and slow to import
         from diffusers import PRXTransformer2DModel
     except ImportError:
         raise ConfigError("--compare-diffusers needs diffusers >= 0.42 (pip install 'diffusers>=0.42')") from None
-    return PRXTransformer2DModel(
-        in_channels=model.in_channels, patch_size=model.patch_size, context_in_dim=model.context_dim,
-        hidden_size=model.width, mlp_ratio=model.mlp_ratio, num_heads=model.heads, depth=model.depth,
-        axes_dim=model.axes_dim, theta=int(model.rope_theta), bottleneck_size=model.bottleneck,
-        resolution_embeds=model.resolution_embeds,
-    )
+    return PRXTransformer2DModel(**transformer_kwargs(model))
 
 
 def compare_diffusers(
@@ -261,9 +237,10 @@ def compare_diffusers(
     text.max_tokens tokens), under the config's precision; rounds alternate the two so that drift on a shared
     machine hits both alike; each model's best round counts."""
     device = resolve_device(device or config.train.device)
-    tc, model_config = config.train, copy.deepcopy(config.model)
-    if config.text.trainable:  # as build_pipeline does; a pretrained tower keeps the config's context_dim
-        model_config.context_dim = config.text.width
+    tc = config.train
+    # the small text tower's states are text.width wide; a pretrained encoder is not loaded here, so the denoiser
+    # takes states as wide as model.context_dim says
+    model_config = denoiser_config(config.model, config.text.width if config.text.trainable else config.model.context_dim)
     torch.manual_seed(tc.seed)
     ours = Denoiser(model_config)
     with torch.no_grad():  # zero-initialised layers would make both outputs 0 and hide a difference
@@ -346,16 +323,6 @@ def format_report(result: dict) -> str:
     ])
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup ones)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--stage", type=int, default=0, help="which stage of a staged config to time")
-    parser.add_argument("--compare-diffusers", action="store_true",
-                        help="time the denoiser's forward+backward against diffusers' PRXTransformer2DModel instead")
-
-
 def command(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be at least 1 and --warmup at least 0")
@@ -371,17 +338,3 @@ def command(args: argparse.Namespace) -> int:
         result = run_bench(config, steps=args.steps, warmup=args.warmup, label=label, stage=args.stage)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pixrun bench", description="Time training steps of a config here.")
-    add_arguments(parser)
-    try:
-        return command(parser.parse_args(argv))
-    except ConfigError as e:
-        print(f"pixrun: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from pixrun.config import ConfigError
-from pixrun.parallel import World
+from pixrun.errors import ConfigError
+from pixrun.runtime import World
 
 STEP_PREFIX = "step_"
 SHARDED = "sharded"
@@ -58,11 +58,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").exists()]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def damage(path: Path, optimizer: bool = True) -> str | None:
@@ -164,7 +159,7 @@ class Checkpointer:
 
     `model` maps owner names ("denoiser", "text_encoder", ...) to the trained modules (FSDP2-sharded or not);
     `ema_model` holds their EMA with the same parameter names, sharded the same way; `world` has rank, size,
-    is_main and barrier() (pixrun.parallel.World). With `async_save`, `save` returns once this rank's shards are
+    is_main and barrier() (pixrun.runtime.World). With `async_save`, `save` returns once this rank's shards are
     copied to host memory and they are written in the background; `wait()` completes a pending checkpoint (call it
     before exiting; `save` calls it first). `whole_tensor_bytes` counts the bytes of whole tensors this rank has
     materialised (rank 0 only, one tensor at a time).

@@ -1,4 +1,9 @@
-"""`pixrun train | sample | eval`. Bad input ends with a one-line error and exit code 2."""
+"""`pixrun train | sample | eval | geneval | data | bench | plan | export`. Bad input ends with a one-line error and
+exit code 2.
+
+This module alone builds the parser and imports neither torch nor the model code, so that `pixrun --help` and a
+mistyped argument answer at once: each command imports what it runs inside its `cmd_*` function.
+"""
 
 import argparse
 import dataclasses
@@ -6,15 +11,32 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from pixrun.config import ConfigError, load_config
+from pixrun.errors import ConfigError, TrainingError, UsageError, WeightsMissingError
 
 USAGE_ERROR = 2
 
 
-class UsageError(Exception):
-    pass
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """`pixrun bench`'s arguments (pixrun.bench.command reads them)."""
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup ones)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--stage", type=int, default=0, help="which stage of a staged config to time")
+    parser.add_argument("--compare-diffusers", action="store_true",
+                        help="time the denoiser's forward+backward against diffusers' PRXTransformer2DModel instead")
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """`pixrun plan`'s arguments (pixrun.plan.command reads them)."""
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    parser.add_argument("--budget", default="", help="a duration: 90s, 15m, 1h30m, 24h (default: train.budget)")
+    parser.add_argument("--money", type=float, default=0.0, help="or a sum of money (needs --price)")
+    parser.add_argument("--price", type=float, default=0.0, help="price of one device-hour")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per stage (after --warmup ones)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p_prepare.add_argument("--text-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                            help="the encoder's weights while embedding: train with the same text.dtype")
 
-    from pixrun.bench import add_arguments as add_bench_arguments
-
     add_bench_arguments(commands.add_parser(
         "bench", help="time training steps: images/s, FLOPs per image, MFU, peak memory; or compare with diffusers"))
+    add_plan_arguments(commands.add_parser(
+        "plan", help="what a budget buys per stage (steps, images, hours, cost), from a short bench, without training"))
 
     p_export = commands.add_parser("export", help="write a run as a diffusers PRXPixelPipeline folder")
     p_export.add_argument("run", type=Path)
@@ -88,22 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "geneval": cmd_geneval,
-                    "export": cmd_export, "data": cmd_data, "bench": cmd_bench}
+                    "export": cmd_export, "data": cmd_data, "bench": cmd_bench, "plan": cmd_plan}
         return commands[args.command](args)
-    except (ConfigError, UsageError, FileNotFoundError) as e:
+    except (ConfigError, UsageError, FileNotFoundError, WeightsMissingError) as e:
         print(f"pixrun: error: {e}", file=sys.stderr)
         return USAGE_ERROR
-    except RuntimeError as e:
-        from pixrun.losses import WeightsMissingError
-        from pixrun.train import TrainingError
-
-        if not isinstance(e, (TrainingError, WeightsMissingError)):
-            raise
+    except TrainingError as e:
         print(f"pixrun: error: {e}", file=sys.stderr)
-        return USAGE_ERROR if isinstance(e, WeightsMissingError) else 1
+        return 1
 
 
 def cmd_train(args) -> int:
+    from pixrun.config import load_config
     from pixrun.train import train
 
     config_path = None
@@ -127,6 +145,7 @@ def _sample_config(sample, args):
 
 
 def cmd_sample(args) -> int:
+    import numpy as np
     from PIL import Image
 
     from pixrun.pipeline import load_run, to_uint8
@@ -136,7 +155,7 @@ def cmd_sample(args) -> int:
     if args.num < 1:
         raise UsageError("--num must be at least 1")
     run = load_run(args.run, weights=args.weights)
-    sample = _sample_config(run.config.sample, args)
+    sample = _sample_config(run.sample, args)
     images = to_uint8(run.generate([args.prompt] * args.num, seed=args.seed, sample=sample))
     out = args.out or args.run / "sample.png"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,12 +186,14 @@ def cmd_eval(args) -> int:
 
 def _quality(args, sample) -> dict[str, float]:
     from pixrun.metrics import load_networks, mse_by_t, shapes_quality_metrics, shapes_reference
-    from pixrun.pipeline import build_world, load_run, resolve_device
+    from pixrun.pipeline import build_world, load_run, load_run_config
+    from pixrun.runtime import resolve_device
 
-    run = load_run(args.run, weights=args.weights)
-    run.to(resolve_device(run.config.train.device))
-    run.config.sample = sample
-    config = run.config.metrics
+    run_config = load_run_config(args.run)
+    run = load_run(args.run, weights=args.weights, device=resolve_device(run_config.train.device))
+    run.sample = sample
+    world = build_world(run_config)
+    config = run_config.metrics
     changes = {"num_images": args.num_images, "reference": args.reference}
     if args.metrics:
         changes["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -183,23 +204,25 @@ def _quality(args, sample) -> dict[str, float]:
         raise UsageError(str(e)) from None
     scores = {}
     if args.metrics:
-        scores.update(shapes_quality_metrics(run, config, load_networks(config, next(run.denoiser.parameters()).device)))
+        networks = load_networks(config, next(run.denoiser.parameters()).device)
+        scores.update(shapes_quality_metrics(run, world, config, networks))
     if args.mse_t:
-        held_out = shapes_reference(build_world(run.config), run.config.data.resolution, config.num_images, config.seed)
+        held_out = shapes_reference(world, run.resolution, config.num_images, config.seed)
         scores.update(mse_by_t(run, held_out.load(), held_out.captions, seed=config.seed))
     return scores
 
 
 def cmd_geneval(args) -> int:
     from pixrun.geneval_export import export_geneval
-    from pixrun.pipeline import load_run, resolve_device
+    from pixrun.pipeline import load_run, load_run_config
+    from pixrun.runtime import resolve_device
 
     if args.images_per_prompt < 1:
         raise UsageError("--images-per-prompt must be at least 1")
     if not args.metadata.is_file():
         raise UsageError(f"{args.metadata} does not exist")
-    run = load_run(args.run, weights=args.weights)
-    run.to(resolve_device(run.config.train.device))
+    device = resolve_device(load_run_config(args.run).train.device)
+    run = load_run(args.run, weights=args.weights, device=device)
     try:
         count = export_geneval(run, args.metadata, args.out, images_per_prompt=args.images_per_prompt, seed=args.seed)
     except ValueError as e:
@@ -229,7 +252,7 @@ def _caption_embedder(encoder: str, max_tokens: int, dtype: str = "bfloat16"):
     encoder's identity, which the index records so that training with another encoder is refused."""
     import torch
 
-    from pixrun.pipeline import resolve_device
+    from pixrun.runtime import resolve_device
     from pixrun.text import TextConfig, TextTower
 
     config = TextConfig(encoder=encoder, max_tokens=max_tokens, dtype=dtype)
@@ -245,6 +268,12 @@ def _caption_embedder(encoder: str, max_tokens: int, dtype: str = "bfloat16"):
 
 def cmd_bench(args) -> int:
     from pixrun.bench import command
+
+    return command(args)
+
+
+def cmd_plan(args) -> int:
+    from pixrun.plan import command
 
     return command(args)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from pixrun.budget import budget_seconds
+from pixrun.errors import ConfigError
 from pixrun.flow import FlowConfig
 from pixrun.losses.lpips import LPIPSConfig
 from pixrun.losses.pdino import PDinoConfig
@@ -21,11 +23,6 @@ from pixrun.optim import EMAConfig, OptimConfig
 from pixrun.parallel import ParallelConfig
 from pixrun.sampler import SampleConfig
 from pixrun.text import TextConfig
-
-
-class ConfigError(ValueError):
-    pass
-
 
 AUXILIARY_LOSSES = ("lpips", "pdino", "repa")
 
@@ -58,7 +55,13 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2400  # the default's budget: make train within 15 min on 2 cores (docs/results.md)
+    steps: int = 2400  # without a budget, the run's length; with one, its planned proportions (stages) and first guess
+    # Train to a duration ("12m", "24h", "1h30m"): the steps are planned to end there (pixrun.budget); "" trains
+    # train.steps. The default's 12 min make `make train` end within 15 min from a fresh clone on 2 cores.
+    budget: str = "12m"
+    budget_money: float = 0.0  # or to a sum of money at train.device_hour_price per device-hour; the first limit hit
+    device_hour_price: float = 0.0  # price of one device for one hour, in the budget's currency
+    budget_warmup_steps: int = 5  # steps (of each stage, and after a resume) not timed for the plan: warm-up, compiling
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -68,7 +71,7 @@ class TrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    metrics_every: int = 0  # FID/KID/CMMD/DINO-MMD and MSE by t on the EMA model every N steps; 0 = never
+    metrics_every: int = 0  # FID/KID/CMMD/DINO-MMD and MSE by t on the EMA model every N steps, first and last; 0 = never
     max_nonfinite_in_row: int = 20  # a non-finite loss skips its step; this many in a row stop the run (checked on logging steps)
     async_checkpoint: bool = False  # write checkpoints in the background while training goes on
 
@@ -83,6 +86,15 @@ class StageConfig:
     losses: list[str] | None = None  # auxiliary losses on in this stage (lpips, pdino, repa); None: all configured
     tread: bool | None = None  # token routing in this stage; None: as tread.enabled
     shards: str | None = None  # data.source shards: this stage's prepared set; None: data.shards
+    budget_share: float | None = None  # share of train.budget (all stages or none); None: by samples (steps x batch)
+
+    def uses(self, loss: str) -> bool:
+        """Whether auxiliary loss `loss` (lpips, pdino, repa) is on in this stage, if configured."""
+        return self.losses is None or loss in self.losses
+
+    def routes(self, tread: TokenRouting) -> bool:
+        """Whether TREAD routes tokens in this stage."""
+        return tread.enabled if self.tread is None else self.tread
 
 
 @dataclass
@@ -152,12 +164,9 @@ class Config:
         self._validate_stages()
         if self.data.source not in ("shapes", "shards"):
             raise ConfigError(f"data.source {self.data.source!r} is not known (known: shapes, shards)")
-        if self.data.source == "shards":
-            if not self.data.shards and not all(stage.shards for stage in self.stage_plan()):
-                raise ConfigError("data.source shards needs data.shards: a folder made by `pixrun data prepare`")
-            if self.text.trainable:
-                raise ConfigError("the small jointly trained text encoder's tokenizer is built from the shapes "
-                                  "world's words; with data.source shards set text.encoder to a pretrained one")
+        shards = [stage.shards or self.data.shards for stage in self.stage_plan()]
+        if self.data.source == "shards" and not all(shards):
+            raise ConfigError("data.source shards needs data.shards: a folder made by `pixrun data prepare`")
         if self.data.num_workers < 0 or self.data.shuffle_shards < 1:
             raise ConfigError("data.num_workers must be >= 0 and data.shuffle_shards >= 1")
         if self.train.precision not in ("auto", "fp32", "bf16"):
@@ -174,11 +183,27 @@ class Config:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        self._validate_budget()
         if not 0 <= self.ema.decay < 1:
             raise ConfigError(f"ema.decay must lie in [0, 1), got {self.ema.decay}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.optim.betas}")
 
+
+    def _validate_budget(self) -> None:
+        tc = self.train
+        try:
+            budget_seconds(tc.budget, tc.budget_money, tc.device_hour_price or 1.0, 1)
+        except ValueError as e:
+            raise ConfigError(f"train.budget: {e}") from None
+        if tc.budget_money < 0 or tc.device_hour_price < 0 or tc.budget_warmup_steps < 1:
+            raise ConfigError("train.budget_money and train.device_hour_price must be >= 0, "
+                              "train.budget_warmup_steps >= 1")
+        if tc.budget_money > 0 and tc.device_hour_price <= 0:
+            raise ConfigError("train.budget_money needs train.device_hour_price (the price of a device-hour)")
+        shares = [stage.budget_share for stage in self.stages]
+        if any(share is not None for share in shares) and (None in shares or min(shares) <= 0):
+            raise ConfigError("stages[i].budget_share: give every stage a positive share, or none")
 
     def _validate_stages(self) -> None:
         if not self.stages:

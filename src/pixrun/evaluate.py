@@ -1,10 +1,11 @@
 """Compositional evaluation: GenEval's rules, applied to images of the shapes world.
 
 GenEval detects objects with Mask2Former and names colours with CLIP; here the world is simple enough
-to detect by segmenting from the background, naming the nearest colour and matching shape templates
-(placed by the component's area and centroid, so soft, blurry generations are still recognised). The
-prompts, their include/exclude metadata and the judging rules follow GenEval (djghosh13/geneval,
-evaluation/evaluate_images.py).
+to detect by segmenting from the background, naming the colour in CIELAB against the world's colours and
+GenEval's other colour names, and matching shape templates (placed by the component's area and centroid,
+and blurred as much as the image is, so soft generations are still recognised). The prompts, their
+include/exclude metadata and the judging rules follow GenEval (djghosh13/geneval,
+evaluation/evaluate_images.py), counting included: counting prompts count only confident detections.
 """
 
 import dataclasses
@@ -28,12 +29,42 @@ from pixrun.data.shapes import (
     draw_shape,
     make_caption,
 )
+from pixrun.metrics import generate_batches
+from pixrun.pipeline import build_world, load_run, load_run_config, to_uint8
+from pixrun.runtime import resolve_device
 
 POSITION_THRESHOLD = 0.1  # GenEval's default: offsets shrink by 10% of the objects' summed sizes
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that makes a pixel foreground
 MIN_AREA_FRACTION = 0.004  # smaller components (of the image area) are noise
 MAX_COLOR_SPREAD = 40.0  # median RGB distance from the component's median colour: above, not a flat shape
-MIN_SHAPE_IOU = 0.6  # below this best template IoU, the component is of unknown kind
+
+# GenEval's colour names (plus grey) that the shapes module has no colour for, at the RGB the xkcd colour
+# survey gives each: a blob nearest one of them takes that name, which no prompt of the world asks for.
+OTHER_COLOR_RGB: dict[str, tuple[int, int, int]] = {
+    "brown": (101, 55, 0),
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "grey": (146, 149, 145),
+}
+NAMED_COLOR_RGB = {**COLOR_RGB, **OTHER_COLOR_RGB}
+# A blob takes the nearest name only within this fraction of the smallest CIELAB distance between two of
+# the world's colours (blue and purple, 26: radius 19.5). Above what a 20-level colour cast leaves after
+# white balance (<= 14); the two closest colours' discs overlap, and the nearest name settles that overlap.
+COLOR_RADIUS_FRACTION = 0.75
+# sRGB's linear RGB -> CIE XYZ (IEC 61966-2-1, D65 white); its rows' sums are the white point.
+SRGB_TO_XYZ = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+
+# A kind is named when its template IoU reaches MIN_SHAPE_IOU, above the most a clean shape scores against
+# another kind's template (0.85, a 13 px diamond against the circle at 64 px; tests/test_evaluate.py) ...
+MIN_SHAPE_IOU = 0.86
+# ... and leads the next kind by MIN_SHAPE_MARGIN: about half the least a clean shape leads by at 64 px (0.09).
+MIN_SHAPE_MARGIN = 0.05
+# Counting prompts count only detections this confident, as GenEval counts at detector score 0.9 (detects
+# at 0.3): shapes about as clean as the world's own, which score >= 0.91 at 64 px (>= 0.95 at 128 px).
+COUNTING_SHAPE_IOU = 0.89
+TEMPLATE_BLURS = (0.0, 0.5, 1.0, 1.5)  # Gaussian sigmas (px) tried on each template: soft images, soft templates
+EDGE_BAND = 2  # px around a component that still count towards its coverage: blur spreads it over the edge
+BACKGROUND_RING = 2  # px beyond that band whose median is the background there (images may have gradients)
 # Area of each shape as a fraction of its bounding square, and how far its centroid lies below the
 # square's centre (as a fraction of the side): what places a template over a component.
 SHAPE_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 1 / 2, "cross": 5 / 9, "diamond": 1 / 2}
@@ -64,7 +95,7 @@ class PromptSpec:
 @dataclass(frozen=True)
 class Detection:
     kind: str  # a world kind, or "unknown"
-    color: str
+    color: str  # a name of NAMED_COLOR_RGB, or "unknown"
     bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 and y1 exclusive
     score: float  # IoU with the best-matching template; 0 for a blob that is not one flat colour
 
@@ -137,7 +168,7 @@ def detect(image: np.ndarray, world: ShapesWorld) -> list[Detection]:
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)
     labels, _ = ndimage.label(np.linalg.norm(pixels - background, axis=-1) > FOREGROUND_DISTANCE)
-    palette = np.array([COLOR_RGB[c] for c in world.colors], dtype=np.float32)
+    radius = color_radius(world.colors)
 
     detections = []
     for label, box in enumerate(ndimage.find_objects(labels), start=1):
@@ -150,26 +181,74 @@ def detect(image: np.ndarray, world: ShapesWorld) -> list[Detection]:
         interior = ndimage.binary_erosion(mask)
         colors = pixels[box][interior if interior.any() else mask]
         median = np.median(colors, axis=0)
-        color = world.colors[np.argmin(np.linalg.norm(palette - median, axis=-1))]
+        color = name_color(median, background, radius)
         if np.median(np.linalg.norm(colors - median, axis=-1)) > MAX_COLOR_SPREAD:
             detections.append(Detection("unknown", color, bbox, 0.0))
             continue
 
-        # How much of each pixel the object covers: where its colour lies from background to object colour.
-        direction = median - background
-        coverage = (pixels[box] - background) @ direction / (direction @ direction)
-        ious = _template_ious(np.clip(coverage, 0, 1) * mask, world.kinds)
-        best = max(ious, key=ious.__getitem__)
-        kind = best if ious[best] >= MIN_SHAPE_IOU else "unknown"
-        detections.append(Detection(kind, color, bbox, ious[best]))
+        # How much of each pixel the object covers: where its colour lies from the background around it
+        # (a ring just outside) to the object colour, over the component and a band around it (not other
+        # components) where its blurred edge fades out.
+        reach = EDGE_BAND + BACKGROUND_RING
+        window = tuple(slice(max(s.start - reach, 0), s.stop + reach) for s in box)
+        own, free = labels[window] == label, labels[window] == 0
+        near = ndimage.binary_dilation(own, iterations=EDGE_BAND)
+        ring = ndimage.binary_dilation(near, iterations=BACKGROUND_RING) & ~near & free
+        local_background = np.median(pixels[window][ring], axis=0) if ring.any() else background
+        direction = median - local_background
+        coverage = (pixels[window] - local_background) @ direction / (direction @ direction)
+        ious = template_ious(np.clip(coverage, 0, 1) * (near & (own | free)), world.kinds)
+        best, second = sorted(ious.values(), reverse=True)[:2]
+        named = best >= MIN_SHAPE_IOU and best - second >= MIN_SHAPE_MARGIN
+        kind = max(ious, key=ious.__getitem__) if named else "unknown"
+        detections.append(Detection(kind, color, bbox, best))
     return detections
 
 
-def _template_ious(coverage: np.ndarray, kinds: Sequence[str]) -> dict[str, float]:
+def srgb_to_lab(rgb: np.ndarray, white: np.ndarray | None = None) -> np.ndarray:
+    """CIELAB of sRGB colours (0-255, last axis RGB). `white`: the sRGB colour to see as neutral (von Kries:
+    linear channels scaled so it becomes a grey of its own luminance); None: sRGB's own D65 white."""
+
+    def linear(values: np.ndarray) -> np.ndarray:
+        c = np.asarray(values, dtype=np.float64) / 255
+        return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+    rgb_linear = linear(rgb)
+    if white is not None:
+        white_linear = linear(white) + 1e-3  # a black "white" has nothing to balance: gains of 1, not 0 / 0
+        rgb_linear = rgb_linear * (SRGB_TO_XYZ[1] @ white_linear) / white_linear
+    xyz = rgb_linear @ SRGB_TO_XYZ.T / SRGB_TO_XYZ.sum(axis=1)
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def color_radius(colors: Sequence[str]) -> float:
+    """How far (CIELAB) a colour may lie from a name and still take it: COLOR_RADIUS_FRACTION of the
+    smallest distance between two of `colors`."""
+    lab = srgb_to_lab(np.array([COLOR_RGB[c] for c in colors]))
+    distances = np.linalg.norm(lab[:, None] - lab[None], axis=-1)
+    return COLOR_RADIUS_FRACTION * float(distances[np.triu_indices(len(colors), k=1)].min())
+
+
+def name_color(rgb: np.ndarray, background: np.ndarray, radius: float) -> str:
+    """The name in NAMED_COLOR_RGB nearest `rgb` in CIELAB, seen against the (near-neutral) background
+    as white, so that a colour cast over the whole image does not change it; "unknown" beyond `radius`."""
+    names = list(NAMED_COLOR_RGB)
+    distances = np.linalg.norm(
+        srgb_to_lab(np.array(list(NAMED_COLOR_RGB.values()))) - srgb_to_lab(rgb, white=background), axis=-1
+    )
+    nearest = int(np.argmin(distances))
+    return names[nearest] if distances[nearest] <= radius else "unknown"
+
+
+def template_ious(coverage: np.ndarray, kinds: Sequence[str]) -> dict[str, float]:
     """Soft IoU (sum of min over sum of max) of a component's coverage with each kind drawn over it
-    with the same area and centroid, which blur leaves unchanged (unlike the outline or bounding box)."""
+    with the same area and centroid, which blur leaves unchanged (unlike the outline or bounding box),
+    and blurred by whichever of TEMPLATE_BLURS fits best."""
     area = coverage.sum()
-    pad = int(math.sqrt(area / min(SHAPE_FILL.values()))) + 2  # room for any kind's template
+    blur_reach = math.ceil(4 * max(TEMPLATE_BLURS))  # scipy's Gaussian kernels reach 4 sigma
+    # Room for any kind's template, and for its blurred edge.
+    pad = int(math.sqrt(area / min(SHAPE_FILL.values()))) + blur_reach + 2
     observed = np.pad(coverage, pad)
     rows, cols = np.indices(observed.shape) + 0.5
     cy, cx = (observed * rows).sum() / area, (observed * cols).sum() / area
@@ -181,7 +260,16 @@ def _template_ious(coverage: np.ndarray, kinds: Sequence[str]) -> dict[str, floa
         canvas = Image.new("L", (width * SUPERSAMPLE, height * SUPERSAMPLE))
         draw_shape(ImageDraw.Draw(canvas), kind, cx * SUPERSAMPLE, centre_y * SUPERSAMPLE, size * SUPERSAMPLE, 255)
         template = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32) / 255
-        ious[kind] = float(np.minimum(observed, template).sum() / np.maximum(observed, template).sum())
+        # Blur and compare only where either is non-zero, plus the kernel's reach: both are zero elsewhere.
+        ys, xs = np.nonzero((observed > 0) | (template > 0))
+        box = (
+            slice(max(ys.min() - blur_reach, 0), ys.max() + 1 + blur_reach),
+            slice(max(xs.min() - blur_reach, 0), xs.max() + 1 + blur_reach),
+        )
+        ious[kind] = max(
+            float(np.minimum(observed[box], blurred).sum() / np.maximum(observed[box], blurred).sum())
+            for blurred in (ndimage.gaussian_filter(template[box], sigma) for sigma in TEMPLATE_BLURS)
+        )
     return ious
 
 
@@ -210,10 +298,13 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float]) -> set[str
 
 def judge(spec: PromptSpec, detections: Sequence[Detection]) -> bool:
     """GenEval's rule: every include clause holds on the most confident detections of its kind, and
-    no exclude clause's count is reached."""
+    no exclude clause's count is reached; counting prompts see only detections of COUNTING_SHAPE_IOU
+    and above (GenEval's counting threshold), other prompts every detection of a known kind."""
+    min_score = COUNTING_SHAPE_IOU if spec.task == "counting" else MIN_SHAPE_IOU
     by_kind: dict[str, list[Detection]] = {}
     for detection in sorted(detections, key=lambda d: d.score, reverse=True):
-        by_kind.setdefault(detection.kind, []).append(detection)
+        if detection.score >= min_score:
+            by_kind.setdefault(detection.kind, []).append(detection)
     matched: list[list[Detection]] = []  # found objects per include entry, for position clauses
     for req in spec.include:
         found = by_kind.get(req.kind, [])[: req.count]
@@ -260,22 +351,17 @@ def evaluate_run(
 ) -> dict[str, float | None]:
     """Score a trained run: generate images for its world's evaluation prompts (the run's eval config;
     `per_task` overrides prompts_per_task; `sample` replaces the run's sampling settings) and apply `score`."""
-    from pixrun.pipeline import build_world, load_run, resolve_device, to_uint8  # the model stack, only here
-
-    run = load_run(run_dir, weights=weights)
-    run.to(resolve_device(run.config.train.device))
-    world = build_world(run.config)
-    config = run.config.eval
+    run_config = load_run_config(run_dir)
+    run = load_run(run_dir, weights=weights, device=resolve_device(run_config.train.device))
+    world = build_world(run_config)
+    config = run_config.eval
     specs = evaluation_prompts(world, per_task or config.prompts_per_task, seed=config.seed)
     prompts = [spec.prompt for spec in specs for _ in range(config.images_per_prompt)]
-    images: list[np.ndarray] = []
-    for start in range(0, len(prompts), config.batch_size):
-        # Image i of the whole list gets the noise of seed + i, whatever the batching.
-        batch = prompts[start : start + config.batch_size]
-        images += list(to_uint8(run.generate(batch, seed=config.seed + start, sample=sample)))
+    batches = generate_batches(run, prompts, config.seed, config.batch_size, sample=sample)
+    images = [image for batch in batches for image in to_uint8(batch)]
     n = config.images_per_prompt
     scores = score(specs, [images[i * n : (i + 1) * n] for i in range(len(specs))], world)
-    sampling = dataclasses.asdict(sample or run.config.sample)
+    sampling = dataclasses.asdict(sample or run.sample)
     record = {**scores, "weights": weights, "prompts": len(specs), "images_per_prompt": n, "sample": sampling}
     (Path(run_dir) / "eval.json").write_text(json.dumps(record, indent=1))
     return scores

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from pixrun.checkpoint import latest_good_checkpoint
-from pixrun.config import Config, ConfigError
+from pixrun.config import Config
+from pixrun.errors import ConfigError
 from pixrun.model import ModelConfig
 from pixrun.pipeline import load_run, load_run_config
 
@@ -92,7 +93,7 @@ def pipeline_call(config: Config) -> dict:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, weights: str = "ema") -> Path:
     """Write the run's latest checkpoint (`weights`: ema or weights) as a PRXPixelPipeline folder at `out_dir`."""
-    try:
+    try:  # here: diffusers is optional, and slow to import
         from diffusers import FlowMatchEulerDiscreteScheduler, PRXPixelPipeline, PRXTransformer2DModel
     except ImportError:
         raise ExportError("export needs diffusers >= 0.42 (pip install 'diffusers>=0.42')") from None
@@ -104,7 +105,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, weights: str = "ema") -
     check_exportable(config)
     run = load_run(run_dir, weights=weights, device="cpu")
 
-    transformer = PRXTransformer2DModel(**transformer_kwargs(config.model))
+    transformer = PRXTransformer2DModel(**transformer_kwargs(run.denoiser.config))
     try:
         missing, unexpected = transformer.load_state_dict(run.denoiser.state_dict(), strict=False)
     except RuntimeError as e:  # same names, other shapes

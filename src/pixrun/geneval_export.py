@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pixrun.metrics import generate_batches
 from pixrun.pipeline import Pipeline, to_uint8
 
 
@@ -49,9 +50,8 @@ def export_geneval(
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         (folder / "metadata.jsonl").write_text(json.dumps(entry) + "\n")
     jobs = [(index, k) for index in range(len(entries)) for k in range(images_per_prompt)]
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
-        images = to_uint8(pipeline.generate([entries[index]["prompt"] for index, _ in batch], seed=seed + start))
-        for (index, k), image in zip(batch, images):
-            Image.fromarray(image).save(out_dir / f"{index:05d}" / "samples" / f"{k:04d}.png")
+    batches = generate_batches(pipeline, [entries[index]["prompt"] for index, _ in jobs], seed, batch_size)
+    images = (image for batch in batches for image in to_uint8(batch))  # one batch in memory at a time
+    for (index, k), image in zip(jobs, images):
+        Image.fromarray(image).save(out_dir / f"{index:05d}" / "samples" / f"{k:04d}.png")
     return len(entries)

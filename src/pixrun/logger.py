@@ -19,10 +19,14 @@ class RunLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=2.0)
         self.window_start = time.perf_counter()
         self.window_images = 0
+        self.budget: dict[str, str] = {}
 
-    def step(self, step: int, values: dict[str, float], images: int) -> None:
-        """A finished step of `images` images; `values` (empty between log steps) go to the logs."""
+    def step(self, step: int, values: dict[str, float], images: int, budget: dict[str, str] | None = None) -> None:
+        """A finished step of `images` images; `values` (empty between log steps) go to the logs; `budget`: what
+        the bar shows of a budgeted run (used, time left, money spent)."""
         self.bar.update(1)
+        if budget is not None:
+            self.budget = budget
         self.window_images += images
         if not values:
             return
@@ -35,7 +39,13 @@ class RunLogger:
         for name, value in record.items():
             if name not in ("step", "time"):
                 self.tensorboard.add_scalar(f"train/{name}", value, step + 1)
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.1f}")
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.1f}", **self.budget)
+
+    def set_total(self, total_steps: int) -> None:
+        """A budget's plan moved the last step."""
+        if self.bar.total != total_steps:
+            self.bar.total = total_steps
+            self.bar.refresh()
 
     def record(self, group: str, values: dict[str, float], step: int) -> None:
         """Evaluation results: `{group}.jsonl` in the run and `{group}/...` in TensorBoard."""

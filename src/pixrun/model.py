@@ -10,9 +10,9 @@ the form the fused attention kernels take (None when nothing is padded, so CUDA'
 cos and sin, which are cached per grid size and device.
 
 TREAD (token routing): given a `RoutePlan`, only the image tokens in `plan.kept_index` go through the blocks in
-`plan.blocks`; the others skip them and are put back at their own positions after the last of them. A forward hook
-on `blocks[i]` therefore sees (B, N_kept, width) hidden states, ordered as `plan.kept_index`, for i in
-`plan.blocks`, and all (B, N, width) image tokens for every other block (`plan.tokens_at(i)` says which).
+`plan.blocks`; the others skip them and are put back at their own positions after the last of them. So block i puts
+out (B, N_kept, width) hidden states, ordered as `plan.kept_index`, for i in `plan.blocks`, and all (B, N, width)
+image tokens for every other block (`plan.tokens_at(i)` says which); `hidden_at=i` returns them for REPA.
 """
 
 import math
@@ -307,10 +307,13 @@ class Denoiser(nn.Module):
         txt: torch.Tensor,
         txt_mask: torch.Tensor | None = None,
         routing: RoutePlan | None = None,
+        hidden_at: int | None = None,
     ):
         """x: (B, C, H, W) noisy image; t: (B,) in [0, 1], 1 = pure noise; txt: (B, L, context_dim).
         txt_mask: (B, L) True at real text tokens; pass None when no token is padded (the fused kernels then run
-        without a mask). routing: None runs every token through every block; else TREAD with that plan."""
+        without a mask). routing: None runs every token through every block; else TREAD with that plan.
+        hidden_at: also return the image tokens block `hidden_at` put out (REPA aligns them), as (x̂, hidden);
+        under routing, the block's own tokens (`routing.tokens_at(hidden_at)` says which)."""
         c = self.config
         b, _, h, w = x.shape
         img = self.img_in(patchify(x, c.patch_size))
@@ -320,26 +323,32 @@ class Denoiser(nn.Module):
         vec = self.time_in(timestep_embedding(t, 256, c.time_max_period, c.time_factor).to(img.dtype))
         if self.resolution_embedder is not None:
             vec = vec + self.resolution_embedder(x.new_full((b,), h), x.new_full((b,), w))
+        hidden = None
         if routing is None:
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
                 img = block(img, txt, vec, rope, attn_bias)
+                hidden = img if i == hidden_at else hidden
         else:
-            img = self.routed_blocks(img, txt, vec, rope, attn_bias, routing)
-        return unpatchify(self.final_layer(img, vec), c.patch_size, h, w)
+            img, hidden = self.routed_blocks(img, txt, vec, rope, attn_bias, routing, hidden_at)
+        out = unpatchify(self.final_layer(img, vec), c.patch_size, h, w)
+        return out if hidden_at is None else (out, hidden)
 
-    def routed_blocks(self, img, txt, vec, rope, attn_bias, plan: RoutePlan) -> torch.Tensor:
+    def routed_blocks(self, img, txt, vec, rope, attn_bias, plan: RoutePlan,
+                      hidden_at: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         index = plan.kept_index[:, :, None].expand(-1, -1, img.shape[-1])
         # (B, 1, N_kept, head_dim / 2): RoPE of the kept tokens' positions
         kept_rope = tuple(part[plan.kept_index][:, None] for part in rope)
         kept_bias = None if attn_bias is None else attn_bias[..., : txt.shape[1] + plan.kept_index.shape[1]]
+        hidden = None
         for i, block in enumerate(self.blocks):
             if i == plan.blocks.start:
                 all_tokens, img = img, img.gather(1, index)
             routed = i in plan.blocks
             img = block(img, txt, vec, kept_rope if routed else rope, kept_bias if routed else attn_bias)
+            hidden = img if i == hidden_at else hidden
             if i == plan.blocks.stop - 1:
                 img = all_tokens.scatter(1, index, img.to(all_tokens.dtype))
-        return img
+        return img, hidden
 
 
 def count_parameters(model: nn.Module) -> int:

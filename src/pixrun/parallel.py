@@ -5,14 +5,16 @@ files never mention ranks: `parallelize` changes the modules in place (composabl
 `Module.compile`), so parameter names, and with them checkpoints, are the same at any world size.
 """
 
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
+
+from pixrun.runtime import World
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
 
@@ -34,57 +36,6 @@ class ParallelConfig:
             raise ValueError(f"parallel.replicate_degree must be at least 1, got {self.replicate_degree}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"parallel.backend must be auto, nccl or gloo, got {self.backend!r}")
-
-
-@dataclass
-class World:
-    """This process's place among the `torchrun` processes (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        if not self.distributed:
-            return value
-        value = value.detach().clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value / self.size
-
-    def all_true(self, flag: torch.Tensor) -> torch.Tensor:
-        """`flag` (a bool tensor on the device) and-ed over ranks, left on the device: no host round trip."""
-        if not self.distributed:
-            return flag
-        value = flag.to(torch.int32)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return value.bool()
-
-    def gather_to_main(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """Every rank's `tensor` (the same shape everywhere) concatenated along dim 0 on rank 0; None elsewhere."""
-        if not self.distributed:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.size)] if self.is_main else None
-        dist.gather(tensor.contiguous(), parts, dst=0)
-        return torch.cat(parts) if self.is_main else None
-
-    def share_slice(self, count: int) -> tuple[slice, int]:
-        """This rank's contiguous part of `count` items and the padded length every rank uses, so that ranks
-        running a sharded model do the same number of forward passes."""
-        per_rank = -(-count // self.size)
-        first = min(count, self.rank * per_rank)
-        return slice(first, min(count, first + per_rank)), per_rank
 
 
 class StopVote:
@@ -118,33 +69,8 @@ class StopVote:
         return bool(vote.item())  # a CPU tensor: no device involved
 
 
-def init_world(config: ParallelConfig, device_name: str) -> tuple[World, torch.device]:
-    """Join the process group `torchrun` set up in the environment, and pick this process's device."""
-    world = World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                  int(os.environ.get("LOCAL_RANK", "0")))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", world.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world.distributed and not dist.is_initialized():
-        backend = config.backend if config.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend, timeout=timedelta(minutes=config.timeout_minutes), device_id=(
-            device if device.type == "cuda" else None))
-    return world, device
-
-
-def close_world(world: World) -> None:
-    if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def device_mesh(config: ParallelConfig, world: World, device: torch.device):
     """The FSDP2 mesh: ("shard",), or ("replicate", "shard") for HSDP."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     if world.size % config.replicate_degree:
         raise ValueError(f"parallel.replicate_degree {config.replicate_degree} does not divide {world.size} ranks")
     if config.replicate_degree > 1:
@@ -178,6 +104,12 @@ def parallelize(denoiser: nn.Module, others: list[nn.Module], config: ParallelCo
     strategy = resolve_strategy(config, world)
     modules = [*others, denoiser]
     if strategy == "ddp":
+        # A private API, on purpose: torch 2.13 has no public DDP applied in place. DistributedDataParallel wraps
+        # the module (forward must go through the wrapper, yet the text tower and the auxiliary losses call the
+        # trained modules themselves), and fully_shard over a (world, 1) mesh makes every parameter a DTensor
+        # (Muon, clipping and checkpoints would take their sharded paths). tests/test_parallel.py checks that
+        # `replicate` still keeps the module and its parameter names and averages the gradients. Imported here, so
+        # that only DDP runs depend on the private module.
         from torch.distributed._composable import replicate
 
         for module in modules:
@@ -198,8 +130,6 @@ def shard_copy(denoiser: nn.Module, others: list[nn.Module], config: ParallelCon
 
 
 def _fully_shard(denoiser: nn.Module, others: list[nn.Module], mesh, bf16: bool, reshard_after_forward: bool):
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     # fp32 master weights and gradient reduction; bf16 weights for compute when bf16 is on
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for block in denoiser.blocks:

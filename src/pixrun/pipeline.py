@@ -1,26 +1,22 @@
 """A run as a text-to-image pipeline: the pieces built from a config, and a trained run loaded back."""
 
-from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pixrun.checkpoint import latest_good_checkpoint, load_tensors
-from pixrun.config import Config, ConfigError, load_config
+from pixrun.config import Config, load_config
 from pixrun.data.shapes import ShapesWorld
+from pixrun.errors import ConfigError
 from pixrun.flow import Flow
-from pixrun.model import Denoiser
+from pixrun.model import Denoiser, ModelConfig, TokenRouting
+from pixrun.runtime import compute_context
 from pixrun.sampler import SampleConfig, generate
 from pixrun.text import TextTower
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_world(config: Config) -> ShapesWorld:
@@ -31,43 +27,31 @@ def build_world(config: Config) -> ShapesWorld:
         raise ConfigError(f"data: {e}") from None
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """GPUs with bf16 support, and CPUs with AMX tiles, whose bf16 matmuls are several times faster than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return False
-
-
-def uses_bf16(device: torch.device, precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
-
-
-@contextmanager
-def compute_context(device: torch.device, precision: str):
-    """bf16 autocast (weights stay fp32) where it is fast (auto), always (bf16), or never (fp32). On CPU,
-    attention uses the plain math kernel: for pixrun's short sequences it beats the flash kernel, whose
-    bf16 backward is several times slower than its fp32 one."""
-    with ExitStack() as stack:
-        if uses_bf16(device, precision):
-            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-        stack.enter_context(attention_context(device))
-        yield
-
-
-def attention_context(device: torch.device):
-    """The attention kernel choice, also for backward: blocks recomputed there (activation checkpointing) must
-    run the kernel their forward ran."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
+def denoiser_config(model: ModelConfig, text_dim: int) -> ModelConfig:
+    """The denoiser's settings: the run's model section, taking text states `text_dim` wide (the text tower's
+    output). Derived where a denoiser is made, never written back into the run's config."""
+    return dataclasses.replace(model, context_dim=text_dim)
 
 
 @dataclass
 class Pipeline:
-    config: Config
+    """What sampling needs, as a diffusers pipeline bundles it: the denoiser, the text tower, the flow, and the
+    run's sampling settings. `Pipeline.from_config` makes one around a text tower; `load_run` loads a trained run."""
+
     denoiser: Denoiser
     text_tower: TextTower
     flow: Flow
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    precision: str = "auto"  # as train.precision: auto (bf16 autocast where it is fast) | fp32 | bf16
+    routing: TokenRouting | None = None  # the run's TREAD setting: the routed pass of sample.self_guidance
+    resolution: int = 64  # of generated images, unless asked otherwise (the run's data.resolution)
+
+    @classmethod
+    def from_config(cls, config: Config, text_tower: TextTower) -> "Pipeline":
+        """A denoiser with fresh weights, taking `text_tower`'s states, and the run's flow and sampling settings."""
+        denoiser = Denoiser(denoiser_config(config.model, text_tower.dim))
+        return cls(denoiser, text_tower, Flow(config.flow), config.sample, config.train.precision, config.tread,
+                   config.data.resolution)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         params = {f"denoiser.{n}": p for n, p in self.denoiser.named_parameters()}
@@ -96,20 +80,20 @@ class Pipeline:
 
     def generate(self, prompts: list[str], seed: int = 0, sample: SampleConfig | None = None,
                  resolution: int | None = None) -> torch.Tensor:
-        """Images in [-1, 1] at `resolution` (default: data.resolution); image i from the noise of seed + i."""
+        """Images in [-1, 1] at `resolution` (default: the pipeline's), sampled as `sample` says (default: the
+        pipeline's settings); image i from the noise of seed + i."""
         device = next(self.denoiser.parameters()).device
-        with compute_context(device, self.config.train.precision):
+        with compute_context(device, self.precision):
             return generate(
-                self.denoiser, self.text_tower, self.flow, prompts, resolution or self.config.data.resolution,
-                sample or self.config.sample, seed, routing=self.config.tread,
+                self.denoiser, self.text_tower, self.flow, prompts, resolution or self.resolution,
+                sample or self.sample, seed, routing=self.routing,
             )
 
 
-def build_pipeline(config: Config, vocabulary: list[str], run_dir: Path | None = None) -> Pipeline:
-    """Fresh weights. The denoiser's text width comes from the text tower."""
-    text_tower = TextTower.build(config.text, vocabulary, run_dir)
-    config.model.context_dim = text_tower.dim
-    return Pipeline(config, Denoiser(config.model), text_tower, Flow(config.flow))
+def build_pipeline(config: Config, captions: Iterable[str], run_dir: Path | None = None) -> Pipeline:
+    """Fresh weights. The denoiser's text width comes from the text tower; the small text encoder's tokenizer is
+    learnt from `captions` (the shapes world's words, or a prepared folder's caption sample)."""
+    return Pipeline.from_config(config, TextTower.build(config.text, captions, run_dir))
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -125,8 +109,7 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str | torch.devi
     checkpoint = latest_good_checkpoint(run_dir, optimizer=False)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    text_tower = TextTower.load(config.text, run_dir)
-    pipeline = Pipeline(config, Denoiser(config.model), text_tower, Flow(config.flow))
+    pipeline = Pipeline.from_config(config, TextTower.load(config.text, run_dir))
     pipeline.load_weights(load_tensors(checkpoint, weights))
     return pipeline.to(device).eval()
 

@@ -1,8 +1,9 @@
 """The text tower: prompts -> (token embeddings, padding mask) for the denoiser.
 
 One code path for both kinds of encoder: a transformers model plus its tokenizer. The CPU default is a small T5
-encoder initialised from a config and trained jointly with the denoiser, with a word-level tokenizer built by the
-`tokenizers` library from the data's vocabulary. A pretrained encoder (T5Gemma's encoder, a Qwen3 base model, a
+encoder initialised from a config and trained jointly with the denoiser, with a byte-level BPE tokenizer that the
+`tokenizers` library learns from the data's captions (the shapes world's words, or the caption sample that
+`pixrun data prepare` writes). A pretrained encoder (T5Gemma's encoder, a Qwen3 base model, a
 T5 / UMT5 encoder) is loaded from a hub id or a local directory, the same way for both, in bf16, and stays frozen;
 its class follows the checkpoint's `model_type` unless `encoder_class` names one.
 """
@@ -10,16 +11,18 @@ its class follows the checkpoint's `model_type` unless `encoder_class` names one
 import hashlib
 import html
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ftfy
 import torch
 import transformers
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "</s>")
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 # The encoder-only class for each checkpoint family; a full encoder-decoder or causal-LM checkpoint loads into it
 # with its decoder / LM head left out.
@@ -46,6 +49,7 @@ class TextConfig:
     depth: int = 2
     heads: int = 4
     ff_mult: int = 3
+    vocab_size: int = 4096  # the small encoder's tokenizer: at most this many pieces, learnt from the captions
     max_tokens: int = 32  # prompts are truncated to this many tokens (the recipe: 256)
     clean: str = "basic"  # prompt cleaning: none | basic (as diffusers' PRXPixelPipeline) | web (basic + urls, ...)
     cache_dir: str | None = None  # embeddings of a frozen encoder kept here (text_cache.py); None: encode each step
@@ -63,6 +67,9 @@ class TextConfig:
             raise ValueError(f"text.clean must be one of {', '.join(CLEANERS)}, got {self.clean!r}")
         if self.width % self.heads:
             raise ValueError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"text.vocab_size must be at least {MIN_VOCAB_SIZE} (the 256 bytes every text is made "
+                             f"of and {len(SPECIAL_TOKENS)} special tokens), got {self.vocab_size}")
         if self.max_tokens < 1:
             raise ValueError("text.max_tokens must be at least 1")
         if self.cache_dir and self.trainable:
@@ -83,15 +90,27 @@ def web_clean(prompt: str) -> str:
 CLEANERS = {"none": lambda prompt: prompt, "basic": basic_clean, "web": web_clean}
 
 
-def word_tokenizer(vocabulary: list[str]) -> transformers.PreTrainedTokenizerFast:
-    """A lower-cased, whitespace-split word-level tokenizer that ends every prompt with </s>."""
-    words = sorted({w.lower() for w in vocabulary} - set(SPECIAL_TOKENS))
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+def train_tokenizer(captions: Iterable[str], vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A lower-cased byte-level BPE tokenizer learnt from `captions`, that ends every prompt with </s>.
+
+    Byte-level: every text is made of known pieces, so a word never seen encodes into several, never into [UNK].
+    Merges stop at `vocab_size` pieces or once every word of the captions is one piece, whichever comes first: with
+    a small vocabulary (the shapes world's) each word is one token, as a word-level tokenizer would have it.
+    """
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(captions, trainer)
     # The end token keeps the empty prompt (used for guidance) a sequence of one token, never of none.
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    end = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", end)])
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>"
     )
@@ -152,10 +171,11 @@ class TextTower(nn.Module):
         return self.encoder.get_input_embeddings().embedding_dim
 
     @classmethod
-    def build(cls, config: TextConfig, vocabulary: list[str], run_dir: Path | None = None) -> "TextTower":
-        """A new tower; the small encoder gets a tokenizer from `vocabulary` and fresh weights."""
+    def build(cls, config: TextConfig, captions: Iterable[str], run_dir: Path | None = None) -> "TextTower":
+        """A new tower; the small encoder gets fresh weights and a tokenizer learnt from `captions`, cleaned as its
+        prompts will be (a word list does too: each word a caption). A pretrained encoder ignores them."""
         if config.trainable:
-            tokenizer = word_tokenizer(vocabulary)
+            tokenizer = train_tokenizer(map(CLEANERS[config.clean], captions), config.vocab_size)
             encoder = small_encoder(config, len(tokenizer))
         else:
             tokenizer = transformers.AutoTokenizer.from_pretrained(config.encoder)
@@ -196,7 +216,7 @@ class TextTower(nn.Module):
                 digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
                 digest.update(sample.numpy().tobytes())
         settings = asdict(self.config)
-        for unused in ("width", "depth", "heads", "ff_mult", "cache_dir"):  # no bearing on a frozen encoder's output
+        for unused in ("width", "depth", "heads", "ff_mult", "vocab_size", "cache_dir"):  # no bearing on a frozen encoder's output
             settings.pop(unused)
         return {**settings, "class": type(self.encoder).__name__, "weights": digest.hexdigest()[:32]}
 

@@ -47,9 +47,6 @@ class TextCache:
         self.pending: dict[str, torch.Tensor] = {}
         self.open_shards = {}
 
-    def __len__(self) -> int:
-        return len(self.location) + len(self.pending)
-
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The tower's (txt, mask) for `captions`, encoding only those never seen; the empty caption included."""
         keys = [caption_key(c) for c in captions]

@@ -17,50 +17,47 @@ import random
 import signal
 import struct
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.utils.rnn import pad_sequence
 
-from pixrun.checkpoint import Checkpointer, choose_resume
-from pixrun.config import Config, ConfigError, save_config
-from pixrun.data.source import LocalBatch, ShapesSource, ShardSource
-from pixrun.flow import Flow
+from pixrun.budget import BudgetPlan, Periodic, budget_seconds, format_duration
+from pixrun.checkpoint import Checkpointer, choose_resume, load_state
+from pixrun.config import Config, save_config
+from pixrun.data.source import (
+    HeldOut,
+    LocalBatch,
+    ShapesSource,
+    ShardSource,
+    read_captions,
+    read_held_out,
+)
+from pixrun.errors import ConfigError, TrainingError
 from pixrun.logger import RunLogger, save_grid
 from pixrun.losses.auxiliary import AuxiliaryLosses
-from pixrun.metrics import generate_images
-from pixrun.model import Denoiser, count_parameters
+from pixrun.metrics import (
+    generate_images,
+    load_networks,
+    mse_by_t,
+    quality_metrics,
+    shapes_quality_metrics,
+    shapes_reference,
+)
+from pixrun.model import count_parameters
 from pixrun.optim import EMA, build_optimizer, set_lr
-from pixrun.parallel import (
-    StopVote,
-    World,
-    close_world,
-    device_mesh,
-    init_world,
-    parallelize,
-    resolve_strategy,
-    shard_copy,
-)
-from pixrun.pipeline import (
-    Pipeline,
-    attention_context,
-    build_pipeline,
-    build_world,
-    compute_context,
-    load_run_config,
-    to_uint8,
-    uses_bf16,
-)
+from pixrun.parallel import StopVote, device_mesh, parallelize, resolve_strategy, shard_copy
+from pixrun.pipeline import Pipeline, build_pipeline, build_world, load_run_config, to_uint8
+from pixrun.runtime import World, attention_context, close_world, compute_context, init_world, uses_bf16
 from pixrun.text import TextTower
 from pixrun.text_cache import TextCache
 
 NOISE, DROPOUT = 0, 1  # a sample's two random streams: t, noise and routing on the device; dropout on the host
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. the loss stays non-finite); the message says why."""
 
 
 def sample_seed(seed: int, step: int, row: int, stream: int = NOISE) -> int:
@@ -69,7 +66,16 @@ def sample_seed(seed: int, step: int, row: int, stream: int = NOISE) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def prepare(config: Config, vocabulary: list[str], checkpoint: Path | None, world: World) -> Pipeline:
+def tokenizer_captions(config: Config) -> list[str]:
+    """What the small text encoder's tokenizer is learnt from: the shapes world's words (each word one token), or
+    the caption sample `pixrun data prepare` wrote beside every stage's shards."""
+    if config.data.source == "shapes":
+        return build_world(config).vocabulary()
+    indexes = dict.fromkeys(stage.shards or config.data.shards for stage in config.stage_plan())
+    return [caption for index in indexes for caption in read_captions(index, config.data.shard_url)]
+
+
+def prepare(config: Config, checkpoint: Path | None, world: World) -> Pipeline:
     """A fresh run's pipeline (rank 0 sets up its folder), or a run's to resume, checked against its config.
     Every rank seeds the same generator first, so every rank starts from the same weights."""
     run_dir = Path(config.run_dir)
@@ -77,37 +83,47 @@ def prepare(config: Config, vocabulary: list[str], checkpoint: Path | None, worl
     if checkpoint is None:
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        pipeline = build_pipeline(config, vocabulary, run_dir if world.is_main else None)
+        captions = tokenizer_captions(config) if config.text.trainable else []
+        pipeline = build_pipeline(config, captions, run_dir if world.is_main else None)
         if world.is_main:
             save_config(config, run_dir / "config.yaml")
         world.barrier()
         return pipeline
     saved = load_run_config(run_dir)
-    config.model.context_dim = saved.model.context_dim
     for section in ("model", "text", "flow", "data"):
         if getattr(saved, section) != getattr(config, section):
             raise ConfigError(f"cannot resume {run_dir} with a different '{section}' section than it was started with")
     world.barrier()  # every rank has read the saved config before rank 0 rewrites it
     if world.is_main:
         save_config(config, run_dir / "config.yaml")  # train.steps and the like may change on resume
-    return Pipeline(config, Denoiser(config.model), TextTower.load(config.text, run_dir), Flow(config.flow))
+    return Pipeline.from_config(config, TextTower.load(config.text, run_dir))
 
 
 class Trainer:
-    """One run: `Trainer(config, resume).run()`, or `.step(k)` one optimisation step at a time (benchmarks)."""
+    """One run: `Trainer(config, resume).run()`, or `.step(k)` one optimisation step at a time (benchmarks).
 
-    def __init__(self, config: Config, resume: str | None = None):
-        self.config = config
+    A budgeted run (train.budget) plans its steps as it goes and writes the plan into its own copy of the config
+    (train.steps, each stage's until_step); `clock` is what it measures time with (tests inject one)."""
+
+    def __init__(self, config: Config, resume: str | None = None, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.started = clock()
         tc = config.train
+        if tc.budget or tc.budget_money:
+            config = copy.deepcopy(config)
+            tc = config.train
+        self.config = config
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        self.world, self.device = init_world(config.parallel, tc.device)
+        self.world, self.device = init_world(tc.device, config.parallel.backend, config.parallel.timeout_minutes)
         for stage in config.stage_plan():
             if stage.batch_size % self.world.size:
                 raise ConfigError(f"batch size {stage.batch_size} does not split over {self.world.size} processes")
         self.run_dir = Path(config.run_dir)
         checkpoint = choose_resume(self.run_dir, resume, self.world)
-        pipeline = prepare(config, build_world(config).vocabulary(), checkpoint, self.world).to(self.device)
+        pipeline = prepare(config, checkpoint, self.world).to(self.device)
+        self.spent_before = 0.0
+        self.plan = self.budget_plan(load_state(checkpoint).get("budget") if checkpoint else None)
         self.source = build_source(config, self.world, pipeline.text_tower, pin_memory=self.device.type == "cuda")
         self.bf16 = uses_bf16(self.device, tc.precision)
         text = pipeline.text_tower
@@ -140,9 +156,8 @@ class Trainer:
             raise ConfigError(str(e)) from None
         shard_copy(ema_trained["denoiser"], [m for n, m in ema_trained.items() if n != "denoiser"], config.parallel,
                    self.world, mesh, self.bf16)
-        self.aux.capture(pipeline.denoiser)
         self.pipeline = pipeline
-        self.ema_pipeline = Pipeline(config, ema_trained["denoiser"], ema_text, pipeline.flow).eval()
+        self.ema_pipeline = dataclasses.replace(pipeline, denoiser=ema_trained["denoiser"], text_tower=ema_text).eval()
         self.model, self.ema_model = nn.ModuleDict(trained), nn.ModuleDict(ema_trained)
         self.params = dict(self.model.named_parameters())  # by "<owner>.<name>": the keys of checkpoints
         # Newton-Schulz in the compute precision: bf16 where it is fast, fp32 where bf16 products are slow (CPUs
@@ -158,6 +173,9 @@ class Trainer:
             state = self.checkpointer.load(checkpoint, self.counters())
             self.start = state["step"]
             self.source.load_state_dict(state.get("data", {}))
+        self.event_seconds: dict[str, float] = dict(self.plan.event_seconds) if self.plan else {}
+        self.timing: tuple[float, int, float, int] | None = None  # clock, steps, event seconds, stage at its start
+        self.events_total = 0.0
         self.lr = 0.0
         self.stop_requested = False
         self.metric_networks = None
@@ -191,15 +209,18 @@ class Trainer:
         t = torch.cat([flow.sample_t(1, g) for g in generators])
         eps = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in generators])
         plan = None
-        if config.tread.enabled if stage.tread is None else stage.tread:  # drawn last: the other draws stay
+        if stage.routes(config.tread):  # drawn last: the other draws stay
             p = config.model.patch_size
             tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
             plan = denoiser.plan_routing(config.tread, tokens, generators, device)
         x_t = flow.add_noise(x0, eps, t)
         with compute_context(device, tc.precision):
             txt, mask = self.text_states(batch, dropped)
-            pred = denoiser(x_t, t, txt, mask, routing=plan)
-            terms = self.aux(flow.to_x0(pred.float(), x_t, t), x0, t, plan, stage, step, config.model.patch_size)
+            repa_block = self.aux.repa_block(stage, step)
+            pred = denoiser(x_t, t, txt, mask, routing=plan, hidden_at=repa_block)
+            pred, hidden = pred if repa_block is not None else (pred, None)
+            terms = self.aux(flow.to_x0(pred.float(), x_t, t), x0, t, plan, stage, step, config.model.patch_size,
+                             hidden)
         flow_loss = flow.loss(pred.float(), x0, eps, x_t, t)
         loss = flow_loss + sum(terms.values())
         if not has_rows:
@@ -268,18 +289,25 @@ class Trainer:
         self.pipeline.text_tower.train(self.pipeline.text_tower.trainable)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            for step in range(self.start, tc.steps):
+            if self.start == 0:  # the untrained model, to compare the run's end with
+                last_grid = self.sample(0, logger)
+                if tc.metrics_every:
+                    self.measure(0, logger)
+            step = self.start
+            while step < tc.steps:  # a budget's plan moves tc.steps
                 metrics = self.step(step)
                 done = step + 1
                 values = {}
                 if done % tc.log_every == 0 or done == tc.steps:
                     values = self.log_values(metrics)
                     self.check_health(step)
+                    if self.plan is not None:
+                        last_grid = self.follow_budget(done, logger) or last_grid
                 if logger is not None:
-                    logger.step(step, values, self.config.stage_at(step)[0].batch_size)
+                    logger.step(step, values, self.config.stage_at(step)[0].batch_size, self.budget_status())
                 if done % tc.sample_every == 0 or done == tc.steps:
                     last_grid = self.sample(done, logger) or last_grid
-                if tc.metrics_every and done % tc.metrics_every == 0:
+                if tc.metrics_every and (done % tc.metrics_every == 0 or done == tc.steps):
                     self.measure(done, logger)
                 stop = stop_vote.cast(self.stop_requested)
                 if done % tc.checkpoint_every == 0 or done == tc.steps or stop:
@@ -291,6 +319,7 @@ class Trainer:
                             f"Continue with: pixrun train ... --resume auto"
                         )
                     break
+                step = done
             stop_vote.settle()
             self.checkpointer.wait()
         finally:
@@ -302,6 +331,9 @@ class Trainer:
             if last_grid is None:
                 grids = sorted((self.run_dir / "samples").glob("step_*.png"))
                 last_grid = grids[-1] if grids else None
+            if self.plan is not None:
+                print(f"pixrun: budget {format_duration(self.plan.seconds)}, used {format_duration(self.elapsed())} "
+                      f"({self.elapsed() / self.plan.seconds:.1%}) for {tc.steps} steps")
             print(f"pixrun: done. Run folder: {self.run_dir}")
             if last_grid is not None:
                 print(f"pixrun: samples: {last_grid}")
@@ -321,39 +353,152 @@ class Trainer:
         """The sample grid of the EMA weights at the stage's resolution, generated in parts by every rank."""
         path = self.run_dir / "samples" / f"step_{step:07d}.png"
         resolution = self.config.stage_at(step - 1)[0].resolution
-        written = sample_grid(self.ema_pipeline, path, self.world, resolution)
+        with self.timed("sample"):
+            held_out = self.held_out(step, len(self.config.sample.grid_prompts))
+            written = sample_grid(self.ema_pipeline, path, self.world, resolution, held_out or None)
         if written is not None and logger is not None:
             logger.image("samples/ema", written, step)
         return written
 
-    def measure(self, step: int, logger: RunLogger | None) -> None:
-        """FID/KID/CMMD/DINO-MMD of EMA samples and the MSE of x0 by t, on a held-out shapes sample, at the stage's
-        resolution; the images are generated and denoised in parts by every rank, scored on rank 0."""
-        from pixrun.metrics import load_networks, mse_by_t, shapes_quality_metrics, shapes_reference
+    def held_out(self, step: int, count: int) -> HeldOut | None:
+        """Up to `count` held-out samples of the prepared shards of step `step`'s stage, at its resolution; None
+        for the shapes world."""
+        d = self.config.data
+        if d.source != "shards":
+            return None
+        stage = self.config.stage_at(step - 1)[0]
+        return read_held_out(stage.shards or d.shards, stage.resolution, count, d.shard_url)
 
+    def measure(self, step: int, logger: RunLogger | None) -> None:
+        """FID/KID/CMMD/DINO-MMD of EMA samples and the MSE of x0 by t, on a held-out sample (the shapes world's,
+        or the prepared shards' held-out samples and their captions), at the stage's resolution; the images are
+        generated and denoised in parts by every rank, scored on rank 0."""
         config = self.config.metrics
         resolution = self.config.stage_at(step - 1)[0].resolution
-        if self.metric_networks is None and self.world.is_main:
-            self.metric_networks = load_networks(config, self.device)
-        scores = shapes_quality_metrics(self.ema_pipeline, config, self.metric_networks, self.world, resolution)
-        held_out = shapes_reference(build_world(self.config), resolution, config.num_images, config.seed)
-        errors = mse_by_t(self.ema_pipeline, held_out.load(), held_out.captions, seed=config.seed, world=self.world)
+        held_out = self.held_out(step, config.num_images)
+        if held_out is not None and len(held_out) < 2:  # too few to score (KID needs two)
+            if self.world.is_main:
+                print(f"pixrun: step {step}: no metrics: the shards hold {len(held_out)} held-out samples "
+                      "(prepare them with heldout=N)")
+            return
+        with self.timed("metrics"):
+            if self.metric_networks is None and self.world.is_main:
+                self.metric_networks = load_networks(config, self.device)
+            if held_out is None:
+                shapes_world = build_world(self.config)
+                scores = shapes_quality_metrics(self.ema_pipeline, shapes_world, config, self.metric_networks,
+                                                self.world, resolution)
+                shapes = shapes_reference(shapes_world, resolution, config.num_images, config.seed)
+                images, captions = shapes.load(), shapes.captions
+            else:
+                images, captions = held_out.floats(), held_out.captions
+                generated = generate_images(self.ema_pipeline, captions, config.seed, config.batch_size, self.world,
+                                            resolution)
+                scores = {} if generated is None else quality_metrics(generated, images, config,
+                                                                      self.metric_networks)
+            errors = mse_by_t(self.ema_pipeline, images, captions, seed=config.seed, world=self.world)
         if logger is not None:
             logger.record("quality", {**scores, **errors}, step)
 
     def save(self, step: int) -> Path:
         if isinstance(self.encode_text, TextCache):
             self.encode_text.flush()
-        return self.checkpointer.save(
-            step,
-            self.counters(),
-            {
-                "data": self.source.state_dict(),
-                "world_size": self.world.size,
-                "config": dataclasses.asdict(self.config),
-                "saved_at": time.time(),
-            },
-        )
+        state = {
+            "data": self.source.state_dict(),
+            "world_size": self.world.size,
+            "config": dataclasses.asdict(self.config),
+            "saved_at": time.time(),
+        }
+        with self.timed("checkpoint"):
+            if self.plan is not None:
+                self.plan.spent = self.elapsed() + self.event_seconds.get("checkpoint", 0.0)  # with this save's
+                self.plan.event_seconds = dict(self.event_seconds)
+                state["budget"] = self.plan.state_dict()
+            return self.checkpointer.save(step, self.counters(), state)
+
+    def budget_plan(self, saved: dict | None) -> BudgetPlan | None:
+        """The run's budget plan: the one in the checkpoint resumed from (with the time it had used), or a new one
+        from the configured stages; None without a budget."""
+        tc = self.config.train
+        seconds = budget_seconds(tc.budget, tc.budget_money, tc.device_hour_price, self.world.size)
+        if seconds is None:
+            return None
+        if saved is None:
+            stages = self.config.stage_plan()
+            plan = BudgetPlan.start(seconds, [s.until_step for s in stages], [s.batch_size for s in stages],
+                                    [s.budget_share for s in stages])
+        else:
+            plan = BudgetPlan.from_state(saved)
+            plan.seconds = seconds  # the resumed run may be given another budget
+        self.spent_before = plan.spent
+        self.apply_plan(plan)
+        return plan
+
+    def apply_plan(self, plan: BudgetPlan) -> None:
+        self.config.train.steps = plan.total_steps
+        for stage, end in zip(self.config.stages, plan.ends):
+            stage.until_step = end
+
+    def elapsed(self) -> float:
+        """Seconds of budget used: this process's, and the runs' before a resume."""
+        return self.spent_before + self.clock() - self.started
+
+    @contextmanager
+    def timed(self, event: str):
+        """Times a sample grid, a checkpoint or an evaluation: the plan reserves time for those still to come."""
+        begun = self.clock()
+        try:
+            yield
+        finally:
+            seconds = self.clock() - begun
+            self.event_seconds[event] = seconds
+            self.events_total += seconds
+
+    def follow_budget(self, done: int, logger: RunLogger | None) -> Path | None:
+        """On a logging step (the device has caught up): time the steps of this stage since its warm-up, without
+        the events among them, and plan its end from what every rank measured. The first plan first times each
+        kind of event the run will have (so the grid of this step may come back)."""
+        plan, tc = self.plan, self.config.train
+        stage = next(i for i, end in enumerate(plan.ends) if done - 1 < end)
+        stage_start = plan.ends[stage - 1] if stage else 0
+        if done >= plan.ends[stage]:
+            return None
+        if self.timing is None or self.timing[3] != stage:
+            if done - max(stage_start, self.start) >= tc.budget_warmup_steps:
+                self.timing = (self.clock(), done, self.events_total, stage)
+            return None
+        grid = None
+        if "sample" not in self.event_seconds:
+            grid = self.sample(done, logger)
+        if "checkpoint" not in self.event_seconds:
+            self.save(done)
+        if tc.metrics_every and "metrics" not in self.event_seconds:
+            self.measure(done, logger)
+        begun, begun_done, begun_events, _ = self.timing
+        step_seconds = (self.clock() - begun - (self.events_total - begun_events)) / (done - begun_done)
+        kinds = ("sample", "checkpoint", "metrics")
+        measured = [self.elapsed(), step_seconds, *(self.event_seconds.get(kind, 0.0) for kind in kinds)]
+        elapsed, step_seconds, *costs = self.world.mean(torch.tensor(measured, device=self.device)).tolist()
+        events = {
+            "sample": Periodic(tc.sample_every, costs[0]),
+            "checkpoint": Periodic(tc.checkpoint_every, costs[1]),
+            "metrics": Periodic(tc.metrics_every, costs[2], at_end=bool(tc.metrics_every)),
+        }
+        plan.replan(stage, done, elapsed, step_seconds, events, self.config.optim)
+        self.apply_plan(plan)
+        if logger is not None:
+            logger.set_total(tc.steps)
+        return grid
+
+    def budget_status(self) -> dict[str, str] | None:
+        """What the progress bar shows of the budget: used, time to the end, money spent."""
+        if self.plan is None:
+            return None
+        tc, elapsed = self.config.train, self.elapsed()
+        status = {"budget": f"{elapsed / self.plan.seconds:.0%}", "left": format_duration(self.plan.seconds - elapsed)}
+        if tc.device_hour_price:
+            status["cost"] = f"{elapsed / 3600 * tc.device_hour_price * self.world.size:.2f}"
+        return status
 
     def close(self) -> None:
         close_world(self.world)
@@ -386,12 +531,20 @@ def train(config: Config, resume: str | None = None) -> Path:
         trainer.close()
 
 
-def sample_grid(pipeline: Pipeline, path: Path, world: World | None = None, resolution: int | None = None) -> Path | None:
-    """The grid of `sample.grid_prompts` x `sample.grid_seeds`; written by rank 0 (None elsewhere)."""
-    sc = pipeline.config.sample
-    prompts = [p for p in sc.grid_prompts for _ in range(sc.grid_seeds)]
-    images = generate_images(pipeline, prompts, seed=0, batch_size=len(prompts), world=world, resolution=resolution)
+def sample_grid(pipeline: Pipeline, path: Path, world: World | None = None, resolution: int | None = None,
+                held_out: HeldOut | None = None) -> Path | None:
+    """The grid of `sample.grid_prompts` x `sample.grid_seeds`, or of the `held_out` samples' captions, each row
+    led by its real image; written by rank 0 (None elsewhere)."""
+    sc = pipeline.sample
+    prompts = sc.grid_prompts if held_out is None else held_out.captions
+    repeated = [p for p in prompts for _ in range(sc.grid_seeds)]
+    images = generate_images(pipeline, repeated, seed=0, batch_size=len(repeated), world=world, resolution=resolution)
     if images is None:
         return None
-    save_grid(to_uint8(images), sc.grid_prompts, sc.grid_seeds, path)
+    images, columns = to_uint8(images), sc.grid_seeds
+    if held_out is not None:
+        real = held_out.images.permute(0, 2, 3, 1).numpy()
+        rows = images.reshape(len(prompts), columns, *images.shape[1:])
+        images, columns = np.concatenate([real[:, None], rows], axis=1).reshape(-1, *images.shape[1:]), columns + 1
+    save_grid(images, prompts, columns, path)
     return path

@@ -9,13 +9,19 @@ SRC is one of: a folder of images, each with a caption beside it (`a.jpg` + `a.t
 
 Each image is converted to RGB (alpha composited on white, 16-bit scaled to 8-bit), resized and centre-cropped
 to the nearest bucket and stored as JPEG. Images too small, too elongated or needing too much upscaling are
-dropped, and so is every image whose perceptual hash equals an earlier image's. OUT receives:
+dropped, and so is every image whose perceptual hash equals an earlier image's. A few samples are held out of
+training (`heldout`, for sample grids and metrics), and a sample of the training captions is written out for the
+small text encoder's tokenizer; both are chosen by a hash of each input's name, so they are spread over the whole
+input and do not depend on how the work is split. OUT receives:
 
     shards/WxH/NNNNNN.tar   one shard per input chunk and bucket: KEY.jpg, KEY.txt (caption), KEY.json
                             ({"source", "original_size"}), KEY.emb.npy (float16 text embedding, when asked for);
                             KEY = "WxH_NNNNNN_PLACE", PLACE being the sample's place in the shard
-    index.json              the shards with their bucket and sample count, and the identity of the text encoder
-                            that made the embeddings: what the loader reads
+    heldout/WxH/NNNNNN.tar  the held-out samples, in shards of the same form (KEY = "heldout_WxH_NNNNNN_PLACE")
+    captions.txt            up to `captions` training captions, one a line (whitespace collapsed)
+    index.json              the training shards ("shards") with their bucket and sample count, the held-out ones
+                            ("heldout"), captions.txt, and the identity of the text encoder that made the
+                            embeddings: what the loader reads
     report.json             kept and dropped, why, per bucket; every dropped item with its reason
     state/                  options.json and one record per finished chunk: a re-run skips finished chunks
 
@@ -25,10 +31,12 @@ depend on the number of processes.
 """
 
 import hashlib
+import heapq
 import io
 import json
 import multiprocessing
 import os
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -42,12 +50,20 @@ from PIL import Image, ImageOps
 from webdataset import TarWriter
 
 from pixrun.data.buckets import bucket_name, make_buckets, nearest_bucket
-from pixrun.data.stream import INDEX_FORMAT, INDEX_NAME, EmptyDatasetError, TarDamage, read_tar_samples
+from pixrun.data.stream import (
+    INDEX_FORMAT,
+    INDEX_NAME,
+    EmptyDatasetError,
+    TarDamage,
+    read_tar_samples,
+    split_member_name,
+)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 IMAGE_COLUMNS = ("image", "jpg", "img", "png", "image_bytes")
 CAPTION_COLUMNS = ("caption", "text", "prompt", "txt")
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+CAPTIONS_NAME = "captions.txt"
 
 
 @dataclass
@@ -66,6 +82,15 @@ class PrepareOptions:
     image_column: str | None = None  # Parquet: None = the first of IMAGE_COLUMNS present
     caption_column: str | None = None  # Parquet: None = the first of CAPTION_COLUMNS present
     embed_batch_size: int = 64  # captions per call of the embed function
+    heldout: int = 256  # samples held out of training (sample grids, metrics): at most this many,
+    heldout_share: float = 0.01  # and at most this share of the inputs, so a small folder trains on nearly all
+    captions: int = 100_000  # training captions written to captions.txt (a sample when there are more)
+
+    def validate(self) -> None:
+        if self.heldout < 0 or self.captions < 0:
+            raise ValueError("prepare options heldout and captions must be >= 0")
+        if not 0 <= self.heldout_share <= 1:
+            raise ValueError(f"prepare option heldout_share must lie in [0, 1], got {self.heldout_share}")
 
 
 @dataclass
@@ -74,11 +99,12 @@ class PrepareReport:
     dropped: dict[str, int]  # reason -> count
     buckets: dict[str, dict]  # "WxH" -> {"kept": n, "dropped": {reason: count}} (drops whose bucket is known)
     bad_items: list[dict] = field(default_factory=list)  # {"item", "reason", "detail", "bucket"}
-    shards: int = 0
+    shards: int = 0  # training shards
+    heldout: int = 0  # of the kept images, those held out of training
 
     def summary(self) -> str:
         total = self.kept + sum(self.dropped.values())
-        lines = [f"kept {self.kept} of {total} images in {self.shards} shards"]
+        lines = [f"kept {self.kept} of {total} images in {self.shards} shards, {self.heldout} of them held out"]
         lines += [f"  dropped {count}: {reason}" for reason, count in sorted(self.dropped.items())]
         for name, counts in sorted(self.buckets.items()):
             dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts["dropped"].items()))
@@ -120,6 +146,56 @@ def list_tasks(src: Path, out: Path, options: PrepareOptions) -> list[Task]:
     images = [str(p.relative_to(src)) for p in files if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
     chunks = [images[i:i + options.chunk_size] for i in range(0, len(images), options.chunk_size)]
     return [Task(n, "folder", str(src), items=chunk) for n, chunk in enumerate(chunks)]
+
+
+def tar_keys(path: str) -> Iterator[str]:
+    """The sample keys of a tar from its member headers alone (tarfile seeks past the data); a damaged tar gives
+    those before the damage."""
+    previous = None
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key = split_member_name(member.name)[0]
+                if member.isreg() and key != previous:
+                    previous = key
+                    yield key
+    except (tarfile.TarError, OSError):
+        return
+
+
+def item_names(task: Task) -> Iterator[str]:
+    """The names read_items gives the task's items (as in the report), without reading any image."""
+    if task.kind == "folder":
+        yield from task.items
+    elif task.kind == "tar":
+        name = Path(task.path).name
+        yield from (f"{name}:{key}" for key in tar_keys(task.path))
+    else:
+        metadata = pq.ParquetFile(task.path).metadata
+        first_row = sum(metadata.row_group(g).num_rows for g in range(task.row_group))
+        rows = range(first_row, first_row + metadata.row_group(task.row_group).num_rows)
+        yield from (f"{Path(task.path).name}:row{number}" for number in rows)
+
+
+def name_rank(name: str) -> bytes:
+    return hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+
+
+def choose_items(tasks: list[Task], options: PrepareOptions) -> tuple[set[str], set[str]]:
+    """The inputs held out of training, and those whose captions go into captions.txt: the first and the next
+    ones in an order set by a hash of their names, a spread-out sample that no split of the work changes."""
+    total = 0
+
+    def names() -> Iterator[str]:
+        nonlocal total
+        for task in tasks:
+            for name in item_names(task):
+                total += 1
+                yield name
+
+    ranked = heapq.nsmallest(options.heldout + options.captions, names(), key=name_rank)
+    heldout = min(options.heldout, int(total * options.heldout_share))
+    return set(ranked[:heldout]), set(ranked[heldout:heldout + options.captions])
 
 
 def caption_from_json(data: bytes) -> tuple[str | None, str]:
@@ -287,52 +363,68 @@ def npy_bytes(array) -> bytes:
     return buffer.getvalue()
 
 
+def write_shard(
+    relative: str,
+    out: Path,
+    prefix: str,
+    kept: list[Outcome],
+    embed: Callable[[list[str]], list] | None,
+    embed_batch_size: int,
+) -> None:
+    embeddings = []
+    if embed is not None:
+        for start in range(0, len(kept), embed_batch_size):
+            embeddings += embed([o.caption for o in kept[start:start + embed_batch_size]])
+    path = out / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with TarWriter(str(temporary), encoder=False, mtime=0) as writer:
+        for place, outcome in enumerate(kept):
+            sample = {
+                "__key__": f"{prefix}_{place:06d}",
+                "jpg": outcome.jpeg,
+                "txt": outcome.caption.encode("utf-8"),
+                "json": json.dumps({"source": outcome.item, "original_size": list(outcome.original_size)}).encode(),
+            }
+            if embed is not None:
+                sample["emb.npy"] = npy_bytes(embeddings[place])
+            writer.write(sample)
+    os.replace(temporary, path)
+
+
 def finish_chunk(
     task: Task,
     outcomes: list[Outcome],
     out: Path,
     seen_hashes: set[str],
-    dedup: bool,
+    options: PrepareOptions,
     embed: Callable[[list[str]], list] | None,
-    embed_batch_size: int,
+    chosen: tuple[set[str], set[str]],
 ) -> dict:
-    """Remove duplicates, write the chunk's shards (one per bucket) and return its record."""
-    kept_by_bucket: dict[str, list[Outcome]] = {}
+    """Remove duplicates, write the chunk's shards (one per bucket, training and held-out apart) and return its
+    record. `chosen`: the items to hold out and those whose captions to record (choose_items)."""
+    heldout_items, caption_items = chosen
+    kept_by_bucket: dict[tuple[bool, str], list[Outcome]] = {}  # (held out, bucket) -> samples
     dropped = []
     for outcome in outcomes:
-        if not outcome.reason and dedup and outcome.hash in seen_hashes:
+        if not outcome.reason and options.dedup and outcome.hash in seen_hashes:
             outcome.reason, outcome.detail = "duplicate", f"perceptual hash {outcome.hash} seen before"
         if outcome.reason:
             dropped.append({"item": outcome.item, "reason": outcome.reason, "detail": outcome.detail,
                             "bucket": outcome.bucket})
             continue
-        seen_hashes.add(outcome.hash)
-        kept_by_bucket.setdefault(outcome.bucket, []).append(outcome)
-    shards = []
-    for bucket, kept in sorted(kept_by_bucket.items()):
-        embeddings = []
-        if embed is not None:
-            for start in range(0, len(kept), embed_batch_size):
-                embeddings += embed([o.caption for o in kept[start:start + embed_batch_size]])
-        relative = f"shards/{bucket}/{task.number:06d}.tar"
-        path = out / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        with TarWriter(str(temporary), encoder=False, mtime=0) as writer:
-            for place, outcome in enumerate(kept):
-                sample = {
-                    "__key__": f"{bucket}_{task.number:06d}_{place:06d}",
-                    "jpg": outcome.jpeg,
-                    "txt": outcome.caption.encode("utf-8"),
-                    "json": json.dumps({"source": outcome.item, "original_size": list(outcome.original_size)}).encode(),
-                }
-                if embed is not None:
-                    sample["emb.npy"] = npy_bytes(embeddings[place])
-                writer.write(sample)
-        os.replace(temporary, path)
-        shards.append({"path": relative, "bucket": bucket, "count": len(kept)})
-    hashes = [o.hash for kept in kept_by_bucket.values() for o in kept]
-    return {"chunk": task.number, "shards": shards, "hashes": hashes, "dropped": dropped}
+        seen_hashes.add(outcome.hash)  # held-out images too: a copy of one must not reach training
+        kept_by_bucket.setdefault((outcome.item in heldout_items, outcome.bucket), []).append(outcome)
+    record = {"chunk": task.number, "shards": [], "heldout": [], "captions": [], "dropped": dropped}
+    for (held_out, bucket), kept in sorted(kept_by_bucket.items()):
+        folder, prefix = ("heldout", "heldout_") if held_out else ("shards", "")
+        relative = f"{folder}/{bucket}/{task.number:06d}.tar"
+        write_shard(relative, out, f"{prefix}{bucket}_{task.number:06d}", kept, embed, options.embed_batch_size)
+        record["heldout" if held_out else "shards"].append({"path": relative, "bucket": bucket, "count": len(kept)})
+        if not held_out:
+            record["captions"] += [" ".join(o.caption.split()) for o in kept if o.item in caption_items]
+    record["hashes"] = [o.hash for kept in kept_by_bucket.values() for o in kept]
+    return record
 
 
 def build_report(records: list[dict]) -> PrepareReport:
@@ -340,7 +432,7 @@ def build_report(records: list[dict]) -> PrepareReport:
     buckets: dict[str, dict] = {}
     bad_items = []
     for record in records:
-        for shard in record["shards"]:
+        for shard in record["shards"] + record["heldout"]:
             buckets.setdefault(shard["bucket"], {"kept": 0, "dropped": {}})["kept"] += shard["count"]
         for drop in record["dropped"]:
             dropped[drop["reason"]] += 1
@@ -350,7 +442,8 @@ def build_report(records: list[dict]) -> PrepareReport:
                 counts[drop["reason"]] = counts.get(drop["reason"], 0) + 1
     kept = sum(b["kept"] for b in buckets.values())
     shards = sum(len(r["shards"]) for r in records)
-    return PrepareReport(kept, dict(dropped), buckets, bad_items, shards)
+    heldout = sum(shard["count"] for r in records for shard in r["heldout"])
+    return PrepareReport(kept, dict(dropped), buckets, bad_items, shards, heldout)
 
 
 def prepare_dataset(
@@ -367,6 +460,7 @@ def prepare_dataset(
     the index so that training with another encoder is refused.
     """
     src, out, options = Path(src), Path(out), options or PrepareOptions()
+    options.validate()
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     if (embed is None) != (text_encoder is None):
@@ -390,22 +484,26 @@ def prepare_dataset(
         records[record["chunk"]] = record
     seen_hashes = {h for record in records.values() for h in record["hashes"]}
     pending = [task for task in tasks if task.number not in records]
+    chosen = choose_items(tasks, options) if pending else (set(), set())
     work = partial(process_task, options=options)
     processes = min(options.processes or os.cpu_count() or 1, len(pending))
     # spawn, not fork: the parent may hold CUDA (the embed function's text tower) or threads.
     with multiprocessing.get_context("spawn").Pool(processes) if processes > 1 else nullcontext() as pool:
         results = pool.imap(work, pending) if processes > 1 else map(work, pending)
         for task, outcomes in zip(pending, results):
-            record = finish_chunk(task, outcomes, out, seen_hashes, options.dedup, embed, options.embed_batch_size)
+            record = finish_chunk(task, outcomes, out, seen_hashes, options, embed, chosen)
             write_atomically(state_dir / f"chunk_{task.number:06d}.json", json.dumps(record))
             records[task.number] = record
 
     ordered = [records[n] for n in sorted(records)]
     shards = [shard for record in ordered for shard in record["shards"]]
+    captions = [caption for record in ordered for caption in record["captions"]]
+    write_atomically(out / CAPTIONS_NAME, "".join(f"{caption}\n" for caption in captions))
     index = {
         "format": INDEX_FORMAT, "resolution": options.resolution, "patch_size": options.patch_size,
         "embeddings": embed is not None, "text_encoder": text_encoder, "samples": sum(s["count"] for s in shards),
-        "shards": shards,
+        "shards": shards, "heldout": [shard for record in ordered for shard in record["heldout"]],
+        "captions": CAPTIONS_NAME,
     }
     write_atomically(out / INDEX_NAME, json.dumps(index, indent=1))
     report = build_report(ordered)

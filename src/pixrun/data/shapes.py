@@ -9,22 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-
-if TYPE_CHECKING:
-    from pixrun.evaluate import PromptSpec
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
 SHAPE_KINDS = ("circle", "square", "triangle", "cross", "diamond")
-# Saturated and far apart in RGB (closest pair, orange/yellow, is ~90 apart), and all far from the
-# light background, so colour naming by nearest neighbour is unambiguous.
+# Saturated and far apart (closest pair, blue/purple, is 26 apart in CIELAB), and all far from the light
+# background; pixrun.evaluate names a colour only within 0.75 of that distance.
 COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (210, 35, 35),
     "orange": (240, 130, 20),
@@ -221,24 +217,8 @@ class ShapesWorld:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         caption = make_caption(task, kinds, colors, relation)
         # Objects whose colour the caption leaves open still avoid held-out pairs.
-        colors = colors or [self._random_color(rng, kind) for kind in kinds]
-        return self._compose(rng, task, caption, kinds, colors, (0, relation, 1) if relation else None)
-
-    def scene_for_prompt(self, spec: PromptSpec, rng: np.random.Generator) -> Scene:
-        """A scene satisfying an evaluation prompt (held-out pairs allowed): its ground-truth render."""
-        kinds: list[str] = []
-        colors: list[str] = []
-        first_object: list[int] = []  # index of each include entry's first object
-        relation = None
-        for req in spec.include:
-            first_object.append(len(kinds))
-            for _ in range(req.count):
-                kinds.append(req.kind)
-                colors.append(req.color or self._random_color(rng, req.kind))
-            if req.position is not None:
-                rel, target = req.position
-                relation = (first_object[-1], rel, first_object[target])
-        return self._compose(rng, spec.task, spec.prompt, kinds, colors, relation)
+        colors = colors or [self.random_color(rng, kind) for kind in kinds]
+        return self.compose(rng, task, caption, kinds, colors, (0, relation, 1) if relation else None)
 
     def render(self, scene: Scene, resolution: int) -> np.ndarray:
         """uint8 H×W×3 image. Shapes are drawn at SUPERSAMPLE× as a colour layer (black elsewhere) and a
@@ -283,11 +263,12 @@ class ShapesWorld:
             words.add("an")
         return sorted(words)
 
-    def _random_color(self, rng: np.random.Generator, kind: str) -> str:
+    def random_color(self, rng: np.random.Generator, kind: str) -> str:
+        """A colour `kind` takes in training scenes (never a held-out pair)."""
         kind_colors = self._kind_colors[kind]
         return kind_colors[rng.integers(len(kind_colors))]
 
-    def _compose(
+    def compose(
         self,
         rng: np.random.Generator,
         task: str,

@@ -3,7 +3,7 @@
     stream = ShardStream("data/prepared", global_batch_size=1024, seed=0, rank=rank, world_size=world_size)
     for batch in stream.batches(start=0):   # endless, from step `start` of the stream on
         batch.images                # (b, 3, H, W) uint8: this rank's rows of the global batch, one bucket
-        batch.captions, batch.keys  # lists of b strings
+        batch.captions              # list of b strings
         batch.embeddings            # list of b float16 tensors (tokens, dim), or None when not prepared
 
 The plan, MosaicML Streaming's "canonical nodes": the index's shards are dealt, once and for all, into K
@@ -204,7 +204,6 @@ class ShardIndex:
 class Batch:
     images: torch.Tensor  # (b, 3, H, W) uint8
     captions: list[str]
-    keys: list[str]
     embeddings: list[torch.Tensor] | None
     bucket: tuple[int, int]  # (width, height)
     skipped: dict[str, int]  # reason -> samples left out of this batch
@@ -368,7 +367,7 @@ class RankPieces(IterableDataset):
     ) -> Batch:
         width, height = bucket
         shards = self.plan.shard_of(numbers)
-        rows, images, captions, keys, embeddings, skipped = [], [], [], [], [], Counter()
+        rows, images, captions, embeddings, skipped = [], [], [], [], Counter()
         for row in np.flatnonzero(np.isin(shards, mine)).tolist():
             shard = int(shards[row])
             if shard not in held:
@@ -391,7 +390,6 @@ class RankPieces(IterableDataset):
             rows.append(row)
             images.append(pixels)
             captions.append(caption)
-            keys.append(sample.key)
             embeddings.append(embedding)
         stacked = torch.empty(len(images), 3, height, width, dtype=torch.uint8)
         if get_worker_info() is not None:
@@ -399,7 +397,7 @@ class RankPieces(IterableDataset):
         for row, pixels in enumerate(images):
             stacked[row].copy_(torch.from_numpy(pixels).permute(2, 0, 1))
         has_embeddings = all(e is not None for e in embeddings)
-        return Batch(stacked, captions, keys, embeddings if has_embeddings else None, bucket, dict(skipped), rows)
+        return Batch(stacked, captions, embeddings if has_embeddings else None, bucket, dict(skipped), rows)
 
     def read_shard(self, shard: int, places: set[int]) -> dict[int, TarSample]:
         url = self.plan.shards[shard].url
@@ -433,17 +431,17 @@ def join_pieces(pieces: list[Batch], pin_memory: bool) -> Batch:
     rows = sorted(row for piece in pieces for row in piece.rows)
     position = {row: i for i, row in enumerate(rows)}
     images = torch.empty((len(rows), *pieces[0].images.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
-    captions, keys, embeddings, skipped = [""] * len(rows), [""] * len(rows), [None] * len(rows), Counter()
+    captions, embeddings, skipped = [""] * len(rows), [None] * len(rows), Counter()
     for piece in pieces:
         places = [position[row] for row in piece.rows]
         images.index_copy_(0, torch.tensor(places, dtype=torch.long), piece.images)
         for i, place in enumerate(places):
-            captions[place], keys[place] = piece.captions[i], piece.keys[i]
+            captions[place] = piece.captions[i]
             if piece.embeddings is not None:
                 embeddings[place] = piece.embeddings[i]
         skipped.update(piece.skipped)
     has_embeddings = all(piece.embeddings is not None for piece in pieces)
-    return Batch(images, captions, keys, embeddings if has_embeddings else None, pieces[0].bucket, dict(skipped), rows)
+    return Batch(images, captions, embeddings if has_embeddings else None, pieces[0].bucket, dict(skipped), rows)
 
 
 def decode_sample(

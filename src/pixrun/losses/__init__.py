@@ -10,9 +10,7 @@ from urllib.parse import urlparse
 import torch
 from safetensors.torch import load_file
 
-
-class WeightsMissingError(RuntimeError):
-    """A loss is switched on but its pretrained weights are not here; the message says what to fetch and where."""
+from pixrun.errors import WeightsMissingError
 
 
 def load_weights(source: str, what: str, config_key: str, random_key: str) -> dict[str, torch.Tensor]:

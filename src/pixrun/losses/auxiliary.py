@@ -22,36 +22,27 @@ class AuxiliaryLosses:
             self.pdino = PDino.from_config(config.pdino, dino=self.teacher if shared else None).to(device)
         # the one trainable part: REPA's projector, optimised and checkpointed with the model
         self.projector = REPA(width, self.teacher.dim, config.repa.hidden).to(device) if self.teacher else None
-        self.hidden: torch.Tensor | None = None
-        self.hook = None
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"repa_projector": self.projector} if self.projector is not None else {}
 
-    def capture(self, denoiser: nn.Module) -> None:
-        """Keep the output of the REPA block (its image tokens) at each forward."""
-        if self.projector is None:
-            return
+    def repa_block(self, stage, step: int) -> int | None:
+        """The denoiser block whose output REPA aligns at this step, or None when REPA is off."""
+        if self.projector is None or not stage.uses("repa") or not self.config.repa.active(step):
+            return None
+        return self.config.repa.block
 
-        def keep(module, args, output):
-            self.hidden = output
-
-        self.hook = denoiser.blocks[self.config.repa.block].register_forward_hook(keep)
-
-    def on(self, name: str, stage) -> bool:
-        return stage.losses is None or name in stage.losses
-
-    def __call__(self, x0_hat, x0, t, plan, stage, step: int, patch: int) -> dict[str, torch.Tensor]:
-        """Each active term, already weighted."""
+    def __call__(self, x0_hat, x0, t, plan, stage, step: int, patch: int,
+                 hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each active term, already weighted; `hidden`: the output of `repa_block(stage, step)`."""
         c, terms = self.config, {}
-        if self.lpips is not None and self.on("lpips", stage):
+        if self.lpips is not None and stage.uses("lpips"):
             terms["lpips"] = c.lpips.weight * gated_mean(self.lpips(x0_hat, x0), t, c.lpips.max_t)
-        if self.pdino is not None and self.on("pdino", stage):
+        if self.pdino is not None and stage.uses("pdino"):
             terms["pdino"] = c.pdino.weight * gated_mean(self.pdino(x0_hat, x0), t, c.pdino.max_t)
-        if self.projector is not None and self.on("repa", stage) and c.repa.active(step):
+        if hidden is not None:
             with torch.no_grad():
                 target = self.teacher.grid_tokens(x0, (x0.shape[-2] // patch, x0.shape[-1] // patch))
             kept = plan.tokens_at(c.repa.block) if plan is not None else None
-            terms["repa"] = c.repa.weight * self.projector(self.hidden, target, kept).mean()
-        self.hidden = None
+            terms["repa"] = c.repa.weight * self.projector(hidden, target, kept).mean()
         return terms

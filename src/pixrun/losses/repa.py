@@ -2,7 +2,7 @@
 
     loss = −mean over tokens n of cos(projector(h_n), f_n(x₀))
 
-h is the output of `denoiser.blocks[block]` (captured by the trainer with a forward hook), f the teacher's patch
+h is the output of `denoiser.blocks[block]` (the denoiser returns it with `hidden_at=block`), f the teacher's patch
 tokens of the clean image resized so that the teacher's patch grid equals the denoiser's token grid. Under TREAD
 the block sees only the kept tokens; `kept_index` picks the teacher tokens at the same positions.
 """

@@ -2,16 +2,18 @@
 
     networks = load_networks(config, device)                  # once; reuse across evaluations
     scores = quality_metrics(generated, reference, config, networks)
-    scores = shapes_quality_metrics(pipeline, config, networks)  # generate for the shapes world and score
+    scores = shapes_quality_metrics(pipeline, shapes_world, config, networks)  # generate for the world, score
 
 Definitions and where each network's weights come from: docs/metrics.md.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from pixrun.data.shapes import ShapesWorld
 from pixrun.metrics.distances import fid, kid, rbf_mmd
 from pixrun.metrics.features import (
     CLIP_DEFAULT,
@@ -104,38 +106,42 @@ def quality_metrics(
     return scores
 
 
+def generate_batches(pipeline, prompts: list[str], seed: int, batch_size: int, sample=None,
+                     resolution: int | None = None) -> Iterator[torch.Tensor]:
+    """The images of `prompts` (pixrun.pipeline.Pipeline.generate: [-1, 1], on its device), `batch_size` at a time,
+    in order; image i starts from the noise of seed `seed + i`, so they do not depend on batch_size. `sample`
+    replaces the run's sampling settings."""
+    for start in range(0, len(prompts), batch_size):
+        yield pipeline.generate(prompts[start : start + batch_size], seed=seed + start, sample=sample,
+                                resolution=resolution)
+
+
 @torch.no_grad()
 def generate_images(pipeline, prompts: list[str], seed: int, batch_size: int, world=None,
                     resolution: int | None = None) -> torch.Tensor | None:
     """One image per prompt, on the CPU; image i starts from the noise of seed `seed + i`, whatever the batch.
 
-    With a `world` (pixrun.parallel.World) every rank generates its own contiguous part, all parts padded to one
+    With a `world` (pixrun.runtime.World) every rank generates its own contiguous part, all parts padded to one
     length so that a sharded model runs the same forward passes everywhere, and rank 0 gets every image (None
     elsewhere): the same images as one process makes."""
     mine, per_rank = world.share_slice(len(prompts)) if world is not None else (slice(0, len(prompts)), len(prompts))
     ours = prompts[mine] + [prompts[-1]] * (per_rank - (mine.stop - mine.start))  # padding, dropped on rank 0
-    chunks = [
-        pipeline.generate(ours[start : start + batch_size], seed=seed + mine.start + start, resolution=resolution)
-        for start in range(0, per_rank, batch_size)
-    ]
-    images = torch.cat(chunks)
+    images = torch.cat(list(generate_batches(pipeline, ours, seed + mine.start, batch_size, resolution=resolution)))
     if world is not None:
         images = world.gather_to_main(images)
     return None if images is None else images[: len(prompts)].cpu()
 
 
 def shapes_quality_metrics(
-    pipeline, config: MetricsConfig, networks: dict[str, nn.Module] | None = None, world=None,
-    resolution: int | None = None,
+    pipeline, shapes_world: ShapesWorld, config: MetricsConfig, networks: dict[str, nn.Module] | None = None,
+    world=None, resolution: int | None = None,
 ) -> dict[str, float]:
-    """Generate `num_images` images for the captions of a held-out shapes-world sample and score them against
-    that sample (or against the configured folder of images). With a `world`, every rank generates a part and
-    rank 0 scores (the others get {})."""
-    # Imported here: pixrun.config imports this package (MetricsConfig), and pixrun.pipeline imports pixrun.config.
-    from pixrun.pipeline import build_world
-
-    resolution = resolution or pipeline.config.data.resolution
-    shapes = shapes_reference(build_world(pipeline.config), resolution, config.num_images, config.seed)
+    """Generate `num_images` images for the captions of a held-out sample of `shapes_world` (the run's) and score
+    them against that sample (or against the configured folder of images), at `resolution` (default: the
+    pipeline's). With a `world` (pixrun.runtime.World), every rank generates a part and rank 0 scores (the others
+    get {})."""
+    resolution = resolution or pipeline.resolution
+    shapes = shapes_reference(shapes_world, resolution, config.num_images, config.seed)
     generated = generate_images(pipeline, shapes.captions, config.seed, config.batch_size, world, resolution)
     if generated is None:
         return {}
@@ -151,6 +157,7 @@ __all__ = [
     "MetricsConfig",
     "ReferenceImages",
     "folder_reference",
+    "generate_batches",
     "generate_images",
     "load_networks",
     "mse_by_t",

@@ -7,6 +7,8 @@ images, so they differ only by noise level.
 
 import torch
 
+from pixrun.runtime import compute_context
+
 T_BINS = ((0.0, 0.3), (0.3, 0.6), (0.6, 1.0))
 
 
@@ -26,10 +28,7 @@ def mse_by_t(
 ) -> dict[str, float]:
     """{"mse_t0.0-0.3": ..., ...}: mean over images and pixels of (x̂₀ - x₀)², images in [-1, 1].
     Image i's t and noise in every bin come from generator seed + i: results do not depend on batch_size, nor on
-    the number of ranks when a `world` (pixrun.parallel.World) splits the images between them."""
-    # Imported here: pixrun.config imports this package (MetricsConfig), and pixrun.pipeline imports pixrun.config.
-    from pixrun.pipeline import compute_context
-
+    the number of ranks when a `world` (pixrun.runtime.World) splits the images between them."""
     bins = [(float(low), float(high)) for low, high in bins]
     mine, per_rank = world.share_slice(len(images)) if world is not None else (slice(0, len(images)), len(images))
     denoiser, text_tower, flow = pipeline.denoiser, pipeline.text_tower, pipeline.flow
@@ -44,7 +43,7 @@ def mse_by_t(
         counted = torch.tensor([i < mine.stop for i in range(start, start + len(indices))], device=device)
         x0 = images[indices].to(device)
         generators = [torch.Generator().manual_seed(seed + i) for i in indices]
-        with compute_context(device, pipeline.config.train.precision):
+        with compute_context(device, pipeline.precision):
             txt, mask = text_tower([captions[i] for i in indices])
             for b, (low, high) in enumerate(bins):
                 t = torch.stack([low + (high - low) * torch.rand((), generator=g) for g in generators]).to(device)

@@ -1,0 +1,233 @@
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+import pixrun.plan
+import pixrun.train
+from pixrun.budget import BudgetPlan, Periodic, budget_seconds, parse_duration, stage_shares
+from pixrun.checkpoint import list_checkpoints, load_state
+from pixrun.config import ConfigError
+from pixrun.optim import OptimConfig
+from pixrun.train import Trainer
+from tests.conftest import TINY_OVERRIDES
+
+STEP_S, SAMPLE_S, CHECKPOINT_S, STARTUP_S = 0.1, 0.5, 0.3, 2.0
+REAL_SAMPLE_GRID = pixrun.train.sample_grid
+
+
+class FakeClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def costing(trainer: Trainer, clock: FakeClock, monkeypatch, stop_after: int | None = None) -> None:
+    """The trainer's steps, grids and checkpoints take fixed times on `clock`; `stop_after`: a stop signal then."""
+    real_step, real_save = trainer.step, trainer.checkpointer.save
+
+    def step(k):
+        clock.now += STEP_S
+        if stop_after is not None and k + 1 == stop_after:
+            trainer.stop_requested = True
+        return real_step(k)
+
+    def save(*args, **kwargs):
+        clock.now += CHECKPOINT_S
+        return real_save(*args, **kwargs)
+
+    def grid(*args, **kwargs):
+        clock.now += SAMPLE_S
+        return REAL_SAMPLE_GRID(*args, **kwargs)
+
+    trainer.step, trainer.checkpointer.save = step, save
+    monkeypatch.setattr(pixrun.train, "sample_grid", grid)
+    clock.now += STARTUP_S
+
+
+def budgeted(tiny_config, run="budget", **overrides):
+    return tiny_config(run, train__budget="30s", train__steps=1000, train__sample_every=100,
+                       train__checkpoint_every=40, optim__warmup_steps=5, optim__cooldown=0.2, **overrides)
+
+
+def lr_by_step(run_dir) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, open(Path(run_dir) / "metrics.jsonl"))}
+
+
+def test_durations_and_money_give_seconds():
+    assert parse_duration("90s") == 90 and parse_duration("15m") == 900 and parse_duration("1h30m") == 5400
+    assert parse_duration("1.5h") == 5400 and parse_duration("2d") == 172800
+    for bad in ("", "15", "15x", "m15", "0m", "15m junk"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    # $1,500 at $2 per GPU-hour on 32 GPUs buys 23.4 h: less than a 24 h budget
+    assert budget_seconds("24h", 1500, 2.0, 32) == pytest.approx(1500 / 64 * 3600)
+    assert budget_seconds("1h", 1500, 2.0, 32) == 3600
+    assert budget_seconds("", 0, 0, 1) is None
+
+
+def test_bad_budgets_are_config_errors(tiny_config):
+    with pytest.raises(ConfigError, match="train.budget"):
+        tiny_config(train__budget="15 minutes")
+    with pytest.raises(ConfigError, match="device_hour_price"):
+        tiny_config(train__budget_money=100)
+
+
+def test_stages_share_the_budget_by_samples_unless_told():
+    assert stage_shares([100, 20], [1024, 512], [None, None]) == pytest.approx([10 / 11, 1 / 11])
+    assert stage_shares([100, 20], [1024, 512], [3.0, 1.0]) == [0.75, 0.25]
+
+
+def test_events_to_come_are_counted_with_the_final_one():
+    every_40 = Periodic(40, 1.0)
+    assert every_40.between(10, 100, final=True) == 3  # 40, 80 and the last step
+    assert every_40.between(10, 120, final=True) == 3  # 40, 80, 120 = the last
+    assert every_40.between(10, 100, final=False) == 2
+    assert Periodic(0, 1.0, at_end=False).between(0, 100, final=True) == 0
+
+
+def test_a_plan_fits_steps_and_events_into_the_time_left():
+    plan = BudgetPlan.start(100.0, [1000], [64], [None])
+    events = {"sample": Periodic(50, 2.0), "checkpoint": Periodic(0, 1.0)}
+    plan.replan(0, 20, 10.0, 0.5, events, OptimConfig(cooldown=0.2))
+    steps = plan.total_steps - 20
+    def cost(n):
+        return n * 0.5 + sum(e.seconds * e.between(20, 20 + n, True) for e in events.values())
+    assert cost(steps) <= 90.0 < cost(steps + 1)
+    assert not plan.frozen
+
+
+def test_a_staged_plan_ends_its_stage_at_its_deadline_and_scales_the_next():
+    plan = BudgetPlan.start(100.0, [100, 120], [64, 64], [0.5, 0.5])
+    plan.replan(0, 10, 5.0, 0.25, {}, OptimConfig())
+    assert plan.ends[0] == 10 + 180  # 45 s left of stage 0's 50 s
+    assert plan.ends[1] == plan.ends[0] + round(20 * 190 / 100)  # stage 1 as long, relative to the config, as 0
+
+
+def test_a_budgeted_run_ends_at_its_budget_and_its_decay_at_its_last_step(tiny_config, monkeypatch):
+    config = budgeted(tiny_config)
+    clock = FakeClock(1000.0)
+    trainer = Trainer(config, clock=clock)
+    costing(trainer, clock, monkeypatch)
+    trainer.run()
+    trainer.close()
+    assert clock.now - 1000.0 == pytest.approx(30.0, rel=0.02)
+    last = trainer.config.train.steps
+    assert list_checkpoints(config.run_dir)[-1].name == f"step_{last:07d}"
+    lrs = lr_by_step(config.run_dir)
+    assert max(lrs) == last
+    cooldown = round(0.2 * last)
+    assert lrs[last] == pytest.approx(config.optim.lr / cooldown)  # the decay's last step is the run's
+    tail = [lrs[k] for k in range(last - cooldown + 1, last + 1)]
+    assert all(a > b for a, b in itertools.pairwise(tail))
+    assert config.train.steps == 1000  # the caller's config is not the plan
+
+
+def test_a_resumed_budgeted_run_keeps_its_plan_and_counts_the_time_before(tiny_config, monkeypatch):
+    config = budgeted(tiny_config)
+    first_clock = FakeClock(1000.0)
+    first = Trainer(config, clock=first_clock)
+    costing(first, first_clock, monkeypatch, stop_after=150)
+    first.run()
+    first.close()
+    stopped = list_checkpoints(config.run_dir)[-1]
+    assert stopped.name == "step_0000150"
+    saved = load_state(stopped)["budget"]
+    assert saved["spent"] == pytest.approx(first_clock.now - 1000.0)  # with the checkpoint's own time
+
+    second_clock = FakeClock(50_000.0)
+    second = Trainer(config, resume="latest", clock=second_clock)
+    assert second.plan.ends == saved["ends"] and second.config.train.steps == saved["ends"][-1]
+    costing(second, second_clock, monkeypatch)
+    second.run()
+    second.close()
+    used = (first_clock.now - 1000.0) + (second_clock.now - 50_000.0)
+    assert used == pytest.approx(30.0, rel=0.02)
+    last = second.config.train.steps
+    assert lr_by_step(config.run_dir)[last] == pytest.approx(config.optim.lr / round(0.2 * last))
+
+
+STAGES = "[{until_step: 4, resolution: 16, batch_size: 8}, {until_step: 6, resolution: 32, batch_size: 4}]"
+
+
+def test_plan_times_each_stage_at_its_per_device_batch(tiny_config, monkeypatch):
+    timed = []
+
+    def bench(config, steps, warmup, device, stage):
+        stage_config = config.stages[stage]
+        timed.append((stage_config.resolution, stage_config.batch_size))
+        return {"step_ms": 250.0 * (stage + 1), "device_name": "test"}
+
+    monkeypatch.setattr(pixrun.plan, "run_bench", bench)
+    config = tiny_config(stages=STAGES, train__steps=6, data__resolution=32)
+    rows = pixrun.plan.plan_stages(config, 3600.0, devices=2, price=2.0)
+    assert timed == [(16, 4), (32, 2)]
+    assert [r["share"] for r in rows] == pytest.approx([0.8, 0.2])  # 4 x 8 samples against 2 x 4
+    assert [r["steps"] for r in rows] == [11520, 1440]  # 2880 s at 0.25 s, 720 s at 0.5 s
+    assert [r["images"] for r in rows] == [11520 * 8, 1440 * 4]
+    assert sum(r["cost"] for r in rows) == pytest.approx(1.0 * 2 * 2.0)  # one hour of two devices at 2
+
+
+def test_plan_command_benches_and_refuses_what_cannot_split(tiny_config, capsys):
+    from pixrun.cli import main
+
+    config = tiny_config(stages=STAGES, train__steps=6, data__resolution=32)
+    args = ["plan", f"run_dir={config.run_dir}", *TINY_OVERRIDES, f"stages={STAGES}", "train.steps=6"]
+    assert main([*args, "--budget", "1h", "--devices", "2", "--steps", "1", "--warmup", "1", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["resolution"] for r in printed["stages"]] == [16, 32] and all(r["steps"] > 0 for r in printed["stages"])
+    assert main([*args, "--budget", "1h", "--devices", "3"]) == 2
+    assert "does not split over 3 devices" in capsys.readouterr().err
+
+
+def test_a_staged_budget_gives_each_stage_its_share_and_resumes_on_shards_in_a_moved_stage(
+        tiny_config, tmp_path, monkeypatch):
+    from pixrun.data.prepare import PrepareOptions, prepare_dataset
+    from tests.helpers import image_folder
+
+    prepare_dataset(image_folder(tmp_path / "images", 24), tmp_path / "prepared",
+                    PrepareOptions(resolution=32, patch_size=8, min_side=16, processes=1))
+    stages = ("[{until_step: 40, resolution: 16, batch_size: 4, budget_share: 1},"
+              " {until_step: 50, resolution: 32, batch_size: 4, budget_share: 1}]")
+    config = tiny_config(train__budget="20s", train__steps=50, stages=stages, data__resolution=32,
+                         data__source="shards", data__shards=str(tmp_path / "prepared"), data__num_workers=0,
+                         data__partitions=1, train__sample_every=1000, train__checkpoint_every=1000)
+    resolutions = {}
+
+    def run(clock, stop_after=None, resume=None):
+        trainer = Trainer(config, resume=resume, clock=clock)
+        costing(trainer, clock, monkeypatch, stop_after)
+        stepping = trainer.step
+
+        def step(k):
+            resolutions[k] = (trainer.config.stage_at(k)[0].resolution, clock.now - clock.start)
+            return stepping(k)
+
+        trainer.step = step
+        trainer.run()
+        trainer.close()
+        return trainer
+
+    first_clock = FakeClock(0.0)
+    first_clock.start = 0.0
+    first = run(first_clock, stop_after=None)
+    stage_end = first.plan.ends[0]
+    assert stage_end != 40  # planned, not configured
+    # the first stage gets half of the 20 s: its last step starts before 10 s, the next one's first after
+    assert resolutions[stage_end - 1][0] == 16 and resolutions[stage_end][0] == 32
+    assert resolutions[stage_end][1] == pytest.approx(10.0, abs=3 * STEP_S)
+    assert first_clock.now == pytest.approx(20.0, rel=0.02)
+
+    resumed_dir = tmp_path / "resumed"
+    config.run_dir = str(resumed_dir)
+    clock_a = FakeClock(0.0)
+    clock_a.start = 0.0
+    run(clock_a, stop_after=stage_end + 5)  # stopped in the second stage, whose start the plan moved
+    clock_b = FakeClock(100.0)
+    clock_b.start = 100.0
+    resumed = run(clock_b, resume="latest")
+    assert resumed.plan.ends[0] == stage_end
+    assert (clock_a.now - 0.0) + (clock_b.now - 100.0) == pytest.approx(20.0, rel=0.02)
