@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from pixrun.losses.dino import DinoFeatures
 from pixrun.metrics.inception import FIDInceptionV3, load_fid_inception
 
 CLIP_DEFAULT = "openai/clip-vit-large-patch14-336"
@@ -53,16 +54,15 @@ class ClipFeatures(nn.Module):
 
 
 class DinoClsEmbedding(nn.Module):
-    """The pooled, L2-normalised CLS token (DINO-MMD); the losses use the patch tokens (pixrun.losses.dino)."""
+    """DINO-MMD's feature: the L2-normalised CLS token at DINO_INPUT_SIZE, through the one DINO wrapper
+    (pixrun.losses.dino), whose patch tokens the losses use."""
 
-    def __init__(self, model: transformers.Dinov2Model, key: str | None):
+    def __init__(self, dino: DinoFeatures, key: str | None):
         super().__init__()
-        self.model = model
-        self.key = key
+        self.dino, self.key = dino, key
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = _resize_and_normalise(images, DINO_INPUT_SIZE, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-        return F.normalize(self.model(pixel_values=pixels).pooler_output, dim=-1)
+        return self.dino.cls_embedding(images, (DINO_INPUT_SIZE, DINO_INPUT_SIZE))
 
 
 def _load_transformers(model_class, config_class, name_or_path: str, random_init: bool, metric: str) -> nn.Module:
@@ -90,7 +90,7 @@ def build_feature_network(network: str, weights: str, random_init: bool = False)
         model = ClipFeatures(clip, key)
     elif network == "dino":
         dino = _load_transformers(transformers.Dinov2Model, transformers.Dinov2Config, weights, random_init, "DINO-MMD")
-        model = DinoClsEmbedding(dino, key)
+        model = DinoClsEmbedding(DinoFeatures(dino), key)
     else:
         raise ValueError(f"unknown feature network {network!r}; expected inception, clip or dino")
     return model.eval().requires_grad_(False)
