@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from pixrun.data.shapes import ShapesWorld
+from pixrun.errors import WeightsMissingError
 from pixrun.metrics import (
     MetricsConfig,
     distances,
@@ -206,7 +207,7 @@ def test_average_pools_ignore_the_padding_as_tensorflow_does():
 
 
 def test_missing_inception_weights_name_what_to_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth") as info:
+    with pytest.raises(WeightsMissingError, match="pt_inception-2015-12-05-6726825d.pth") as info:
         load_fid_inception(str(tmp_path / "absent.pth"))
     assert FID_WEIGHTS_URL in str(info.value) and "\n" not in str(info.value)
 
@@ -243,7 +244,7 @@ def test_clip_and_dino_features_are_unit_embeddings_loaded_from_a_folder(tiny_ne
 
 
 def test_missing_clip_weights_give_one_clear_line(tmp_path):
-    with pytest.raises(FileNotFoundError, match="CMMD network") as info:
+    with pytest.raises(WeightsMissingError, match="CMMD network") as info:
         build_feature_network("clip", str(tmp_path / "no-such-model"))
     assert "\n" not in str(info.value)
 

@@ -108,3 +108,17 @@ def test_prompt_cleaning_settings():
     assert cleaned(["a red &amp; circle"])[1].sum() == 5 and raw(["a red &amp; circle"])[1].sum() == 9
     with pytest.raises(ValueError, match="text.clean"):
         TextConfig(clean="strict").validate()
+
+
+def test_pad_states_right_pads_rows_with_zeros_and_marks_what_was_there():
+    from pixrun.text import pad_states
+
+    rows = [torch.ones(3, 2), torch.full((1, 2), 2.0), torch.zeros(0, 2)]
+    padded, mask = pad_states(rows)
+    assert padded.shape == (3, 3, 2)
+    assert mask.tolist() == [[True, True, True], [True, False, False], [False, False, False]]
+    assert torch.equal(padded[mask], torch.cat(rows)) and not padded[~mask].any()
+    masks, _ = pad_states([torch.tensor([True, False]), torch.tensor([True])])  # 1-D rows: masks of two batches
+    assert masks.tolist() == [[True, False], [True, False]]
+    only_empty, empty_mask = pad_states([torch.zeros(0, 4)])
+    assert only_empty.shape == (1, 1, 4) and not empty_mask.any()  # at least one token, as the tower gives

@@ -12,6 +12,7 @@ from itertools import pairwise
 import torch
 
 from pixrun.flow import Flow, sampling_times, shift_time
+from pixrun.text import pad_states
 
 X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -99,7 +100,8 @@ def guided_x0_fn(model, flow: Flow, cond, uncond, cfg_scale: float, cfg_interval
         if not guide:
             return flow.to_x0(model(x, t, txt, mask).float(), x, t)
         u_txt, u_mask = uncond
-        both = model(torch.cat([x, x]), torch.cat([t, t]), _cat_padded(txt, u_txt), _cat_padded(mask, u_mask))
+        both = model(torch.cat([x, x]), torch.cat([t, t]), pad_states([*txt, *u_txt])[0],
+                     pad_states([*mask, *u_mask])[0])
         x0_c, x0_u = flow.to_x0(both.float(), torch.cat([x, x]), torch.cat([t, t])).chunk(2)
         return x0_u + cfg_scale * (x0_c - x0_u)
 
@@ -120,14 +122,6 @@ def self_guided(model, routing, weight: float, seed: int):
         return routed + weight * (dense - routed)
 
     return call
-
-
-def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Stack two batches of token sequences, padding the shorter one (zeros / mask False)."""
-    length = max(a.shape[1], b.shape[1])
-    def pad(z):
-        return torch.nn.functional.pad(z, [0, 0] * (z.dim() - 2) + [0, length - z.shape[1]])
-    return torch.cat([pad(a), pad(b)])
 
 
 @torch.no_grad()

@@ -11,12 +11,13 @@ its class follows the checkpoint's `model_type` unless `encoder_class` names one
 import hashlib
 import html
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ftfy
 import torch
+import torch.nn.functional as F
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
@@ -74,6 +75,18 @@ class TextConfig:
             raise ValueError("text.max_tokens must be at least 1")
         if self.cache_dir and self.trainable:
             raise ValueError("text.cache_dir needs a frozen pretrained text.encoder: the small one changes every step")
+
+
+def pad_states(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths along their first dimension (token states (L_i, dim), or masks (L_i,)),
+    right-padded with zeros into one (B, L, ...) tensor, L the longest and at least 1, with the (B, L) mask of
+    what was there, as TextTower gives its output. The lengths come from the shapes: nothing waits for the
+    device."""
+    lengths = [len(row) for row in rows]
+    length = max(1, *lengths)
+    padded = torch.stack([F.pad(row, [0, 0] * (row.dim() - 1) + [0, length - len(row)]) for row in rows])
+    mask = torch.arange(length)[None] < torch.tensor(lengths)[:, None]
+    return padded, mask.to(padded.device)
 
 
 def basic_clean(prompt: str) -> str:

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pixrun.text import TextTower
+from pixrun.text import TextTower, pad_states
 
 
 def caption_key(caption: str) -> str:
@@ -93,10 +93,5 @@ class TextCache:
     def _batch(self, embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to the longest (at least one token), as the tower does, on the tower's device."""
         device = next(self.tower.encoder.parameters()).device
-        length = max(1, max(e.shape[0] for e in embeddings))
-        txt = torch.zeros(len(embeddings), length, self.tower.dim)
-        mask = torch.zeros(len(embeddings), length, dtype=torch.bool)
-        for i, e in enumerate(embeddings):
-            txt[i, : e.shape[0]] = e.float()
-            mask[i, : e.shape[0]] = True
+        txt, mask = pad_states([e.float() for e in embeddings])
         return txt.to(device), mask.to(device)

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.nn.utils.rnn import pad_sequence
 
 from pixrun.budget import BudgetPlan, Periodic, budget_seconds, format_duration
 from pixrun.checkpoint import Checkpointer, choose_resume, load_state
@@ -54,7 +53,7 @@ from pixrun.optim import EMA, build_optimizer, set_lr
 from pixrun.parallel import StopVote, device_mesh, parallelize, resolve_strategy, shard_copy
 from pixrun.pipeline import Pipeline, build_pipeline, build_world, load_run_config, to_uint8
 from pixrun.runtime import World, attention_context, close_world, compute_context, init_world, uses_bf16
-from pixrun.text import TextTower
+from pixrun.text import TextTower, pad_states
 from pixrun.text_cache import TextCache
 
 NOISE, DROPOUT = 0, 1  # a sample's two random streams: t, noise and routing on the device; dropout on the host
@@ -263,11 +262,10 @@ class Trainer:
             self.empty_prompt = states[0][mask[0]]
         empty = self.empty_prompt
         states = [empty if drop else e.to(self.device, empty.dtype) for e, drop in zip(batch.embeddings, dropped)]
-        lengths = [len(s) for s in states]  # host lengths: the mask is built without reading the device
-        if len(set(lengths)) == 1:  # nothing padded: no mask, so the denoiser's attention can use flash kernels
-            return torch.stack(states), None
-        mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
-        return pad_sequence(states, batch_first=True), mask.to(self.device)
+        txt, mask = pad_states(states)
+        if len({len(s) for s in states}) == 1:  # nothing padded: no mask, so the attention can use flash kernels
+            return txt, None
+        return txt, mask
 
     def run(self) -> Path:
         tc, world = self.config.train, self.world

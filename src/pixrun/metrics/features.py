@@ -15,6 +15,7 @@ import transformers
 from torch import nn
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from pixrun.errors import WeightsMissingError
 from pixrun.losses.dino import DinoFeatures
 from pixrun.metrics.inception import FIDInceptionV3, load_fid_inception
 
@@ -71,7 +72,7 @@ def _load_transformers(model_class, config_class, name_or_path: str, random_init
             return model_class(config_class.from_pretrained(name_or_path))
         return model_class.from_pretrained(name_or_path)
     except OSError:
-        raise FileNotFoundError(
+        raise WeightsMissingError(
             f"cannot load the {metric} network {name_or_path!r}: download it (`hf download {name_or_path}`, or "
             f"save_pretrained into a folder) and set its hub id or local folder in the metrics config"
         ) from None

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pixrun.errors import WeightsMissingError
+
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
@@ -181,7 +183,7 @@ class FIDInceptionV3(nn.Module):
 
 def load_fid_inception(weights: str) -> FIDInceptionV3:
     """The network with the official weights, from a local .pth file or a URL (downloaded once to torch's
-    hub cache). Raises FileNotFoundError, naming what to download, when neither can be had."""
+    hub cache). Raises WeightsMissingError, naming what to download, when neither can be had."""
     try:
         if weights.startswith(("http://", "https://")):
             state_dict = torch.hub.load_state_dict_from_url(
@@ -190,7 +192,7 @@ def load_fid_inception(weights: str) -> FIDInceptionV3:
         else:
             state_dict = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as e:
-        raise FileNotFoundError(
+        raise WeightsMissingError(
             f"cannot load the FID Inception weights from {weights} ({type(e).__name__}): download {FID_WEIGHTS_URL} "
             f"and set metrics.inception to its local path"
         ) from None
