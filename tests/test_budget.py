@@ -77,8 +77,8 @@ def test_bad_budgets_are_config_errors(tiny_config):
 
 
 def test_stages_share_the_budget_by_samples_unless_told():
-    assert stage_shares([100, 20], [1024, 512], [None, None]) == pytest.approx([10 / 11, 1 / 11])
-    assert stage_shares([100, 20], [1024, 512], [3.0, 1.0]) == [0.75, 0.25]
+    assert stage_shares([100, 120], [1024, 512], [None, None]) == pytest.approx([10 / 11, 1 / 11])
+    assert stage_shares([100, 120], [1024, 512], [3.0, 1.0]) == [0.75, 0.25]
 
 
 def test_events_to_come_are_counted_with_the_final_one():

@@ -50,12 +50,14 @@ def budget_seconds(duration: str, money: float, price: float, devices: int) -> f
     return min(limits) if limits else None
 
 
-def stage_shares(lengths: Sequence[int], batches: Sequence[int], shares: Sequence[float | None]) -> list[float]:
-    """Each stage's share of the budget: the configured shares, normalised, or else its share of the samples."""
+def stage_shares(ends: Sequence[int], batches: Sequence[int], shares: Sequence[float | None]) -> list[float]:
+    """Each stage's share of the budget, from the stages' configured ends and batch sizes: the configured shares,
+    normalised, or else its share of the samples."""
     if all(share is not None for share in shares):
         weights = list(shares)
     else:
-        weights = [length * batch for length, batch in zip(lengths, batches)]
+        starts = [0, *ends[:-1]]
+        weights = [(end - start) * batch for start, end, batch in zip(starts, ends, batches)]
     total = sum(weights)
     return [weight / total for weight in weights]
 
@@ -108,9 +110,16 @@ class BudgetPlan:
         self.step_seconds = step_seconds
         last = stage == len(self.ends) - 1
         left = self.deadline(stage) - elapsed
-        steps = max(1, math.floor(left / step_seconds))
-        while steps > 1 and steps * step_seconds + self._event_cost(events, done, done + steps, last) > left:
+        def cost(steps: int) -> float:
+            return steps * step_seconds + self._event_cost(events, done, done + steps, last)
+
+        # the events' cost spread over the steps gives a start within a few steps of the most that fit
+        per_step = step_seconds + sum(event.seconds / event.every for event in events.values() if event.every)
+        steps = max(1, math.floor(left / per_step))
+        while steps > 1 and cost(steps) > left:
             steps -= 1
+        while cost(steps + 1) <= left:
+            steps += 1
         stage_start = self.ends[stage - 1] if stage else 0
         self.ends[stage] = max(done + steps, stage_start + 1)
         scale = (self.ends[stage] - stage_start) / (self.configured_ends[stage] - self.configured_start(stage))
@@ -137,5 +146,4 @@ class BudgetPlan:
     def start(cls, seconds: float, stage_ends: Sequence[int], batches: Sequence[int],
               shares: Sequence[float | None]) -> "BudgetPlan":
         """A new plan from the configured stages (their ends and batch sizes)."""
-        lengths = [end - start for start, end in zip([0, *stage_ends[:-1]], stage_ends)]
-        return cls(seconds, stage_shares(lengths, batches, shares), list(stage_ends), list(stage_ends))
+        return cls(seconds, stage_shares(stage_ends, batches, shares), list(stage_ends), list(stage_ends))

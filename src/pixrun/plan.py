@@ -22,9 +22,8 @@ def plan_stages(config: Config, seconds: float, devices: int, price: float, step
     """One row per stage: its share of `seconds`, measured step time, and the steps, images, hours and cost it
     gets on `devices` devices at `price` per device-hour."""
     stages = config.stage_plan()
-    lengths = [end - start for start, end in zip([0, *[s.until_step for s in stages[:-1]]],
-                                                 [s.until_step for s in stages])]
-    shares = stage_shares(lengths, [s.batch_size for s in stages], [s.budget_share for s in stages])
+    shares = stage_shares([s.until_step for s in stages], [s.batch_size for s in stages],
+                          [s.budget_share for s in stages])
     rows = []
     for index, (stage, share) in enumerate(zip(stages, shares)):
         if stage.batch_size % devices:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from pixrun.budget import BudgetPlan, Periodic, budget_seconds, format_duration
+from pixrun.budget import EVENTS, BudgetPlan, Periodic, budget_seconds, format_duration
 from pixrun.checkpoint import Checkpointer, choose_resume, load_state
 from pixrun.config import Config, save_config
 from pixrun.data.source import (
@@ -263,9 +263,8 @@ class Trainer:
         empty = self.empty_prompt
         states = [empty if drop else e.to(self.device, empty.dtype) for e, drop in zip(batch.embeddings, dropped)]
         txt, mask = pad_states(states)
-        if len({len(s) for s in states}) == 1:  # nothing padded: no mask, so the attention can use flash kernels
-            return txt, None
-        return txt, mask
+        padded = len({len(s) for s in states}) > 1  # else no mask, so the attention can use flash kernels
+        return txt, mask if padded else None
 
     def run(self) -> Path:
         tc, world = self.config.train, self.world
@@ -474,14 +473,10 @@ class Trainer:
             self.measure(done, logger)
         begun, begun_done, begun_events, _ = self.timing
         step_seconds = (self.clock() - begun - (self.events_total - begun_events)) / (done - begun_done)
-        kinds = ("sample", "checkpoint", "metrics")
-        measured = [self.elapsed(), step_seconds, *(self.event_seconds.get(kind, 0.0) for kind in kinds)]
+        measured = [self.elapsed(), step_seconds, *(self.event_seconds.get(kind, 0.0) for kind in EVENTS)]
         elapsed, step_seconds, *costs = self.world.mean(torch.tensor(measured, device=self.device)).tolist()
-        events = {
-            "sample": Periodic(tc.sample_every, costs[0]),
-            "checkpoint": Periodic(tc.checkpoint_every, costs[1]),
-            "metrics": Periodic(tc.metrics_every, costs[2], at_end=bool(tc.metrics_every)),
-        }
+        every = {"sample": tc.sample_every, "checkpoint": tc.checkpoint_every, "metrics": tc.metrics_every}
+        events = {kind: Periodic(every[kind], cost, at_end=bool(every[kind])) for kind, cost in zip(EVENTS, costs)}
         plan.replan(stage, done, elapsed, step_seconds, events, self.config.optim)
         self.apply_plan(plan)
         if logger is not None:
