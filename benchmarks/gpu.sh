@@ -55,4 +55,7 @@ STAGES="[{until_step: 100000, resolution: 512, batch_size: 1024, budget_share: 0
 "$PYTHON" -m pixrun.cli plan configs/prx-small-pixel.yaml train.precision=bf16 parallel.compile=true $RECIPE \
     "repa.weight=0.5" "repa.teacher=$DINO" "stages=$STAGES" train.steps=120000 data.resolution=1024 \
     --budget 24h --devices 32 --price 2 --json | tee -a "$OUT"
+# Fine-tuning prx-512-t2i (docs/finetune.md): its stand-in at full depth (random weights, the release's shapes)
+"$PYTHON" benchmarks/finetune_bench.py runs/prx-512-standin-gpu --depth 16 --text-depth 26 --batch 16 --steps 5 \
+    --warmup 3 --device cuda --out "${OUT%.*}-finetune.json"
 echo "wrote $OUT"

@@ -359,7 +359,7 @@ def run_rank(spec_path: Path) -> None:
             phases[phase] = {**mode.counts, "host_random_values": counters.host_random_values.value - host_before,
                              "by_op": mode.by_op}
             peak_rss_after[phase] = peak_rss_bytes()
-        denoiser_name = type(trainer.pipeline.denoiser).__name__
+        denoiser_name = type(trainer.state.pipeline.denoiser).__name__
         by_module = {name: sum(ops.values()) for name, ops in flops.get_flop_counts().items() if "." not in name}
         if not by_module.get(denoiser_name):
             raise RuntimeError(f"FlopCounterMode saw no {denoiser_name}: its modules are {sorted(by_module)}")

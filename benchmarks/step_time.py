@@ -36,7 +36,8 @@ def main(args: list[str]) -> None:
     device = torch.device("cpu")
     world = build_world(config)
     pipeline = build_pipeline(config, world.vocabulary())
-    params = pipeline.trainable_parameters()
+    params = {f"{owner}.{name}": p for owner, module in pipeline.trained_modules().items()
+              for name, p in module.named_parameters()}
     optimizer = build_optimizer(params, config.optim)
     b, res = config.train.batch_size, config.data.resolution
     images, captions = world.batch(0, 0, b, res)

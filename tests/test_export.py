@@ -122,3 +122,50 @@ def test_diffusers_time_grid_is_the_scheduler_one(steps, shift):
     scheduler.set_timesteps(steps)
     assert torch.equal(diffusers_times(steps, shift), scheduler.sigmas)
     assert not torch.allclose(diffusers_times(steps, shift), sampling_times(steps, shift))  # not the default grid
+
+
+LATENT_PARITY = ["sample.time_grid=diffusers", "sample.sampler=euler", "sample.cfg_scale=3.0", "sample.steps=6",
+                 "train.precision=fp32", "flow.prediction=v"]
+
+
+def saved_vae(path) -> str:
+    from tests.helpers_prx import tiny_vae
+
+    torch.manual_seed(0)
+    tiny_vae().save_pretrained(path)
+    return str(path)
+
+
+def test_a_latent_run_exports_as_prx_pipeline_with_its_vae(tiny_config, tmp_path):
+    from diffusers import PRXPipeline
+
+    vae = saved_vae(tmp_path / "vae")
+    run_dir = tiny_run(tiny_config, *LATENT_PARITY, f"latent.vae={vae}")
+    out = export_run(run_dir, tmp_path / "export")
+    pipe = PRXPipeline.from_pretrained(out)
+    assert type(pipe.vae).__name__ == "AutoencoderKL" and pipe.vae_scale_factor == 2
+    assert pipe.tokenizer.model_max_length == 32  # text.max_tokens: PRXPipeline truncates prompts to it
+    provenance = json.loads((out / "pixrun_export.json").read_text())
+    assert provenance["pipeline"] == "PRXPipeline" and provenance["differences_from_pixrun_sample"] == []
+    call = provenance["call"]
+    assert call == {"num_inference_steps": 6, "guidance_scale": 3.0, "height": 32, "width": 32,
+                    "use_resolution_binning": False, "skip_text_cleaning": True}
+    theirs = np.concatenate([
+        pipe(prompt, generator=torch.Generator().manual_seed(5 + i), output_type="np", **call).images
+        for i, prompt in enumerate(PROMPTS)
+    ])
+    ours = ((load_run(run_dir).generate(PROMPTS, seed=5) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    assert theirs.shape == ours.shape == (2, 32, 32, 3)
+    assert np.abs(theirs - ours).max() <= 1e-3
+    assert np.abs(ours[0] - ours[1]).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("flow.prediction=x", "treats the output as the velocity"), ("flow.noise_scale=2.0", "unscaled noise")],
+)
+def test_latent_export_refuses_what_prx_pipeline_cannot_express(tiny_config, tmp_path, override, message):
+    run_dir = tiny_run(tiny_config, "flow.prediction=v", f"latent.vae={saved_vae(tmp_path / 'vae')}", override)
+    with pytest.raises(ExportError, match=message):
+        export_run(run_dir, tmp_path / "export")
+    assert not (tmp_path / "export").exists()

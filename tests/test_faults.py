@@ -113,22 +113,22 @@ def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before(tmp_path, tin
 def test_non_finite_losses_skip_their_step_and_too_many_stop_the_run(tiny_config):
     trainer = Trainer(tiny_config(train__steps=10, train__max_nonfinite_in_row=3))
     trainer.step(0)
-    before = {name: p.detach().clone() for name, p in trainer.params.items()}
-    real_loss = trainer.pipeline.flow.loss
-    trainer.pipeline.flow.loss = lambda *args: real_loss(*args) * float("nan")
+    before = {name: p.detach().clone() for name, p in trainer.state.params.items()}
+    real_loss = trainer.state.pipeline.flow.loss
+    trainer.state.pipeline.flow.loss = lambda *args: real_loss(*args) * float("nan")
     trainer.step(1)
-    assert all(torch.equal(before[name], p) for name, p in trainer.params.items())
-    assert int(trainer.nonfinite_total) == 1
+    assert all(torch.equal(before[name], p) for name, p in trainer.state.params.items())
+    assert int(trainer.state.nonfinite_total) == 1
     trainer.step(2)
     trainer.check_health(2)  # two in a row: the run goes on
     trainer.step(3)
     with pytest.raises(TrainingError, match="non-finite 3 steps in a row"):
         trainer.check_health(3)  # read on the next logging step
-    trainer.pipeline.flow.loss = real_loss
+    trainer.state.pipeline.flow.loss = real_loss
     trainer.step(4)
     trainer.check_health(4)
-    assert int(trainer.nonfinite_total) == 3
-    assert not all(torch.equal(before[name], p) for name, p in trainer.params.items())
+    assert int(trainer.state.nonfinite_total) == 3
+    assert not all(torch.equal(before[name], p) for name, p in trainer.state.params.items())
 
 
 def worker_pids(launcher: int, timeout: float = 30) -> list[int]:

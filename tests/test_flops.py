@@ -137,3 +137,21 @@ def test_routing_losses_and_text_encoder_as_the_config_switches_them(tiny_config
     trained = training_flops(config, 0, 8, encoder)
     assert trained.text_encoder == text_encoder_flops(config.text, encoder, 8, trained=True) > 0
     assert trained.total == trained.denoiser + trained.text_encoder + trained.repa
+
+
+def test_latent_space_counts_the_denoiser_on_the_latent_grid_and_the_vae_where_it_runs(tiny_config, tmp_path):
+    from pixrun.latent import Autoencoder, LatentConfig
+    from tests.test_latent import tiny_kl
+
+    autoencoder = Autoencoder.from_config(LatentConfig(vae=str(tiny_kl(tmp_path / "vae"))))  # 2x, 4 channels
+    config = tiny_config(model__patch_size=2, model__in_channels=4, lpips__weight=0.5, lpips__random_init=True)
+    resolution = config.data.resolution
+    on_the_fly = training_flops(config, 0, 8, autoencoder=autoencoder)
+    prepared = training_flops(config, 0, 8, autoencoder=autoencoder, prepared_latents=True)
+    assert on_the_fly.denoiser == denoiser_flops(config.model, resolution // 2, 8, text_trained=True)[1]
+    assert on_the_fly.lpips == training_flops(config, 0, 8).lpips  # the image losses stay at the pixels' size
+    # the decoder runs forward and backward to x̂₀ (LPIPS is on); the encoder only where latents are not prepared
+    assert 0 < prepared.autoencoder < on_the_fly.autoencoder
+    config.lpips.weight = 0.0
+    assert training_flops(config, 0, 8, autoencoder=autoencoder, prepared_latents=True).autoencoder == 0
+    assert on_the_fly.total == (on_the_fly.denoiser + on_the_fly.lpips + on_the_fly.autoencoder)

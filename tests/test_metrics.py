@@ -384,6 +384,32 @@ def test_mse_by_t_grows_with_noise_for_a_passthrough_denoiser(tiny_pipeline):
     assert scores[0] == pytest.approx(0.03 * (1 + 1 / 3), rel=0.3)
 
 
+class HalvingAutoencoder:
+    """A stand-in for pixrun.latent.Autoencoder: 4 latent channels at half the resolution, scaled."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, images):
+        self.calls += 1
+        pooled = torch.nn.functional.avg_pool2d(images, 2)
+        return 1.5 * torch.cat([pooled, pooled.mean(1, keepdim=True)], 1)
+
+
+def test_mse_by_t_in_latent_space_noises_the_encoded_images(tiny_pipeline):
+    tiny_pipeline.denoiser = Passthrough()
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    captions = ["a photo of a circle"] * 5
+    tiny_pipeline.autoencoder = HalvingAutoencoder()
+    latent = mse_by_t(tiny_pipeline, images, captions, seed=3, batch_size=2)
+    assert tiny_pipeline.autoencoder.calls == 3
+    latents = HalvingAutoencoder().encode(images)
+    tiny_pipeline.autoencoder = None
+    # the same draws on the latents themselves, the mean taken over their 4 x 16 x 16 elements
+    assert latent == pytest.approx(mse_by_t(tiny_pipeline, latents, captions, seed=3, batch_size=5), rel=1e-6)
+    assert latent != pytest.approx(mse_by_t(tiny_pipeline, images, captions, seed=3), rel=1e-2)
+
+
 def test_generated_batches_follow_the_seed_not_the_batch_size_and_take_the_sampling_settings(tiny_pipeline):
     with torch.no_grad():  # the final layer starts at zero; random values make images differ by prompt and seed
         for p in tiny_pipeline.denoiser.final_layer.parameters():

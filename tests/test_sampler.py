@@ -1,8 +1,10 @@
+from itertools import pairwise
+
 import pytest
 import torch
 
 from pixrun.flow import Flow, FlowConfig, sampling_times
-from pixrun.sampler import SAMPLERS, guided_x0_fn
+from pixrun.sampler import SAMPLERS, guided_fn
 
 
 @pytest.mark.parametrize("name", ["euler", "heun"])
@@ -29,17 +31,16 @@ class EchoModel(torch.nn.Module):
 
 
 def test_guidance_on_x0_and_its_interval():
-    flow = Flow(FlowConfig())
     model = EchoModel()
     cond = (torch.full((1, 2, 4), 3.0), torch.ones(1, 2, dtype=torch.bool))
     uncond = (torch.full((1, 1, 4), 1.0), torch.ones(1, 1, dtype=torch.bool))
     x = torch.zeros(1, 3, 4, 4)
-    guided = guided_x0_fn(model, flow, cond, uncond, cfg_scale=4.0, cfg_interval=[0.2, 0.8])
+    guided = guided_fn(model, cond, uncond, cfg_scale=4.0, cfg_interval=[0.2, 0.8])
     assert torch.allclose(guided(x, torch.tensor([0.5])), torch.full_like(x, 1 + 4 * (3 - 1)))
     assert model.calls == [2]  # one batched call for both branches
     assert torch.allclose(guided(x, torch.tensor([0.9])), torch.full_like(x, 3.0))  # outside: conditional only
     assert model.calls == [2, 1]
-    plain = guided_x0_fn(model, flow, cond, uncond, cfg_scale=1.0, cfg_interval=[0.0, 1.0])
+    plain = guided_fn(model, cond, uncond, cfg_scale=1.0, cfg_interval=[0.0, 1.0])
     assert torch.allclose(plain(x, torch.tensor([0.5])), torch.full_like(x, 3.0))
 
 
@@ -63,3 +64,33 @@ def test_tread_self_guidance_extrapolates_from_the_routed_model():
     guided = self_guided(model, routing, 2.5, seed=0)(x, t, txt, mask)
     assert torch.allclose(guided, routed + 2.5 * (dense - routed), atol=1e-5)
     assert torch.equal(guided, self_guided(model, routing, 2.5, seed=0)(x, t, txt, mask))  # the same tokens each call
+
+
+def test_a_velocity_model_steps_exactly_as_diffusers_scheduler():
+    """v-prediction, guided on v, Euler on FlowMatchEulerDiscreteScheduler's grid: what PRXPipeline computes. The
+    velocity is used as it is, also below flow.t_clamp (the grid's last steps), never through x0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pixrun.sampler import diffusers_times
+
+    flow = Flow(FlowConfig(prediction="v"))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def model(x, t):
+        return torch.sin(3 * x + t.view(-1, 1, 1, 1)) - x
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    scheduler.set_timesteps(6)
+    theirs = x.clone()
+    for t in scheduler.timesteps:
+        theirs = scheduler.step(model(theirs, t.view(1) / 1000), t, theirs).prev_sample
+    times = diffusers_times(6, 1.0)
+    assert times[-2] < flow.config.t_clamp  # the last step is one the x0 round trip would change
+    ours = SAMPLERS["euler"](model, x, times, flow)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    through_x0 = x
+    for t, t_next in pairwise(times):
+        tb = t.view(1)
+        x0 = flow.to_x0(model(through_x0, tb), through_x0, tb)
+        through_x0 = through_x0 + (t_next - t) * flow.to_v(x0, through_x0, tb)
+    assert not torch.allclose(through_x0, theirs, atol=1e-3)

@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,24 @@ def test_pad_states_right_pads_rows_with_zeros_and_marks_what_was_there():
     assert masks.tolist() == [[True, False], [True, False]]
     only_empty, empty_mask = pad_states([torch.zeros(0, 4)])
     assert only_empty.shape == (1, 1, 4) and not empty_mask.any()  # at least one token, as the tower gives
+
+
+def test_prx_cleaning_is_diffusers_prx_pipeline_s(monkeypatch):
+    from diffusers.pipelines.prx.pipeline_prx import TextPreprocessor
+
+    from pixrun.text import prx_clean, prx_preprocessor
+
+    prompts = ["A <person> at https://example.com/a.png, by @someone #12", "Fish &amp; Chips!!! -- £5 “today”", ""]
+    expected = [TextPreprocessor().clean_text(p) for p in prompts]
+    assert [prx_clean(p) for p in prompts] == expected and expected[0] == "a person at ., by"
+    TextConfig(clean="prx").validate()
+    tower = TextTower.build(TextConfig(width=32, depth=1, heads=2, clean="prx"), ["a", "person", "at", "by"])
+    assert [tower.clean(p) for p in prompts] == expected
+
+    prx_preprocessor.cache_clear()
+    monkeypatch.setitem(sys.modules, "diffusers.pipelines.prx.pipeline_prx", None)  # as if diffusers were missing
+    try:
+        with pytest.raises(ImportError, match="text.clean=prx .*install diffusers"):
+            prx_clean("a prompt")
+    finally:
+        prx_preprocessor.cache_clear()

@@ -85,10 +85,10 @@ def test_an_ordinary_step_never_reads_the_device(tiny_config, extra):
     trainer.step(0)
     with HostReads() as reads:
         trainer.step(1)
-        real_loss = trainer.pipeline.flow.loss
-        trainer.pipeline.flow.loss = lambda *args: real_loss(*args) * float("nan")
+        real_loss = trainer.state.pipeline.flow.loss
+        trainer.state.pipeline.flow.loss = lambda *args: real_loss(*args) * float("nan")
         trainer.step(2)
-    trainer.pipeline.flow.loss = real_loss
+    trainer.state.pipeline.flow.loss = real_loss
     assert reads.calls == []
-    assert int(trainer.nonfinite_total) == 1
+    assert int(trainer.state.nonfinite_total) == 1
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -22,7 +22,7 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def main(run_dir: str, out: str) -> None:
-    records = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))

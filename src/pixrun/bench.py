@@ -27,6 +27,7 @@ from pixrun.export import transformer_kwargs
 from pixrun.flops import training_flops
 from pixrun.model import Denoiser, ModelConfig, count_parameters
 from pixrun.pipeline import denoiser_config
+from pixrun.pretrained import resolve_init
 from pixrun.runtime import compute_context, resolve_device, uses_bf16
 from pixrun.train import Trainer
 
@@ -121,11 +122,11 @@ def data_time_and_text_tokens(trainer, steps: range) -> tuple[float, float, bool
     """Seconds per step spent making the batch (the shapes world renders it on the CPU, inside the step), the mean
     padded caption length the text tower saw (captions are padded to the longest of the batch), and whether the
     batches brought their text embeddings along (prepared shards)."""
-    config, tower = trainer.config, trainer.pipeline.text_tower
+    config, tower = trainer.config, trainer.state.pipeline.text_tower
     seconds, lengths, precomputed = 0.0, [], False
     for step in steps:
         start = time.perf_counter()
-        batch = trainer.source.batch(step, *config.stage_at(step))
+        batch = trainer.state.source.batch(step, *config.stage_at(step))
         seconds += time.perf_counter() - start
         tokens = tower.tokenizer(batch.captions, padding=True, truncation=True, max_length=tower.max_tokens)
         lengths.append(len(tokens["input_ids"][0]))
@@ -156,7 +157,7 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | No
               stage: int = 0) -> dict:
     """Time `steps` training steps after `warmup` ones, the first of stage `stage` (of a staged config); one flat
     dict of figures (FLOPs are per image)."""
-    config = copy.deepcopy(config)
+    config = resolve_init(copy.deepcopy(config))  # the model, text tower and latent space a pipeline to start from names
     run = stage_steps(config, stage, warmup + steps)
     timed = run[warmup:]
     if device is not None:
@@ -178,9 +179,10 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | No
             step_s = (time.perf_counter() - start) / steps
             memory, memory_source = peak_memory_bytes(device)
             data_s, text_tokens, precomputed = data_time_and_text_tokens(trainer, timed)
-            encoder = trainer.pipeline.text_tower.encoder.config
-            model = trainer.pipeline.denoiser.config
-            denoiser_params = count_parameters(trainer.pipeline.denoiser)
+            encoder = trainer.state.pipeline.text_tower.encoder.config
+            model = trainer.state.pipeline.denoiser.config
+            denoiser_params = count_parameters(trainer.state.pipeline.denoiser)
+            autoencoder = trainer.state.pipeline.autoencoder
             processes = trainer.world.size
         finally:
             trainer.close()
@@ -189,9 +191,10 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | No
     # the text tower counts where the step runs it: not where its states come prepared or from the text cache
     text_runs = config.text.trainable or not (precomputed or config.text.cache_dir)
     flops = training_flops(dataclasses.replace(config, model=model), timed.start, round(text_tokens),
-                           encoder if text_runs else None)
+                           encoder if text_runs else None, autoencoder, prepared_latents=config.data.source == "shards")
     peak, peak_source = peak_tflops(device, bf16)
-    image_tokens = (stage_config.resolution // model.patch_size) ** 2
+    factor = autoencoder.factor if autoencoder is not None else 1
+    image_tokens = (stage_config.resolution // factor // model.patch_size) ** 2
     images_per_s = stage_config.batch_size / step_s  # the global batch: all processes together
     achieved = flops.total * images_per_s / 1e12
     return {
@@ -237,10 +240,12 @@ def compare_diffusers(
     text.max_tokens tokens), under the config's precision; rounds alternate the two so that drift on a shared
     machine hits both alike; each model's best round counts."""
     device = resolve_device(device or config.train.device)
+    config = resolve_init(config)  # a pipeline to start from names the architecture
     tc = config.train
     # the small text tower's states are text.width wide; a pretrained encoder is not loaded here, so the denoiser
     # takes states as wide as model.context_dim says
-    model_config = denoiser_config(config.model, config.text.width if config.text.trainable else config.model.context_dim)
+    text_dim = config.text.width if config.text.trainable else config.model.context_dim
+    model_config = denoiser_config(config.model, text_dim)
     torch.manual_seed(tc.seed)
     ours = Denoiser(model_config)
     with torch.no_grad():  # zero-initialised layers would make both outputs 0 and hide a difference

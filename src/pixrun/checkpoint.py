@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 import torch.distributed as dist
@@ -142,7 +143,7 @@ def load_optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
     inspection and tests)."""
     prefix = "optimizer."
     with _ShardReader(Path(path) / SHARDED) as shards:
-        return {key[len(prefix):]: shards.whole(key) for key in shards.keys() if key.startswith(prefix)}
+        return {key[len(prefix):]: shards.whole(key) for key in shards.names() if key.startswith(prefix)}
 
 
 @dataclass
@@ -233,9 +234,9 @@ class Checkpointer:
         self.world.barrier()
         return pending.final
 
-    def load(self, path: Path, counters: dict[str, torch.Tensor]) -> dict:
+    def load(self, path: Path, counters: dict[str, torch.Tensor]) -> None:
         """Weights, EMA, optimizer state and `counters` (in place) from this rank's part of the checkpoint,
-        resharded to this world; returns its state.json."""
+        resharded to this world (its state.json is the caller's: `load_state`)."""
         template = get_optimizer_state_dict(self.model, self.optimizer)  # also allocates the optimizer's state
         tensors = self._state_dict(counters, template)
         with _single_process_quiet():
@@ -244,7 +245,6 @@ class Checkpointer:
         state = {key[len("optimizer."):]: value for key, value in tensors.items() if key.startswith("optimizer.")}
         set_optimizer_state_dict(self.model, self.optimizer,
                                  {"state": _unflatten(state), "param_groups": template["param_groups"]})
-        return load_state(path)
 
     def _state_dict(self, counters: dict[str, torch.Tensor], optimizer_state: dict) -> dict[str, torch.Tensor]:
         """The one DCP state, flat: every value a tensor (or DTensor), so DCP writes nothing but safetensors."""
@@ -282,13 +282,13 @@ class _ShardReader:
         self.stack = ExitStack()
         self.files = {}
 
-    def __enter__(self) -> "_ShardReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stack.close()
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self.pieces)
 
     def size(self, key: str) -> torch.Size:

@@ -39,78 +39,101 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pixrun", description="Train text-to-image diffusion models in pixel space.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    p_train = commands.add_parser("train", help="train a model (no CONFIG: the built-in shapes-world default)")
-    p_train.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
-    p_train.add_argument(
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    parser.add_argument(
         "--resume", nargs="?", const="latest", default=None, metavar="auto|CHECKPOINT",
         help="continue the run in run_dir from its latest checkpoint ('auto': only if there is one)",
     )
 
-    p_sample = commands.add_parser("sample", help="generate images for a prompt with a trained run")
-    p_sample.add_argument("run", type=Path)
-    p_sample.add_argument("--prompt", required=True)
-    p_sample.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN/sample.png)")
-    p_sample.add_argument("--num", type=int, default=1, help="images, side by side; image i uses seed + i")
-    p_sample.add_argument("--seed", type=int, default=0)
-    p_sample.add_argument("--steps", type=int, default=None)
-    p_sample.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = none)")
-    p_sample.add_argument("--sampler", choices=["euler", "heun"], default=None)
-    p_sample.add_argument("--weights", choices=["ema", "weights"], default="ema")
 
-    p_eval = commands.add_parser("eval", help="compositional (GenEval-style) scores of a trained run")
-    p_eval.add_argument("run", type=Path)
-    p_eval.add_argument("--json", action="store_true", help="print one JSON object")
-    p_eval.add_argument("--per-task", type=int, default=None, help="prompts per task (default: the run's eval config)")
-    p_eval.add_argument("--weights", choices=["ema", "weights"], default="ema")
-    p_eval.add_argument("--steps", type=int, default=None)
-    p_eval.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = none)")
-    p_eval.add_argument("--sampler", choices=["euler", "heun"], default=None)
-    p_eval.add_argument("--metrics", default=None, metavar="fid,kid,cmmd,dino_mmd",
-                        help="also score image quality against the reference set (the run's metrics config)")
-    p_eval.add_argument("--num-images", type=int, default=None, help="images for --metrics (default: metrics config)")
-    p_eval.add_argument("--reference", default=None, help="'shapes' or a folder of reference images")
-    p_eval.add_argument("--mse-t", action="store_true", help="also the MSE of x0 in t-bins on held-out images")
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN/sample.png)")
+    parser.add_argument("--num", type=int, default=1, help="images, side by side; image i uses seed + i")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = none)")
+    parser.add_argument("--sampler", choices=["euler", "heun"], default=None)
+    parser.add_argument("--weights", choices=["ema", "weights"], default="ema")
 
-    p_geneval = commands.add_parser("geneval", help="write images for GenEval's prompt file, in its folder layout")
-    p_geneval.add_argument("run", type=Path)
-    p_geneval.add_argument("metadata", type=Path, help="GenEval's evaluation_metadata.jsonl")
-    p_geneval.add_argument("--out", type=Path, required=True)
-    p_geneval.add_argument("--images-per-prompt", type=int, default=4)
-    p_geneval.add_argument("--seed", type=int, default=0)
-    p_geneval.add_argument("--weights", choices=["ema", "weights"], default="ema")
 
-    p_data = commands.add_parser("data", help="prepare a data set for training")
-    data_commands = p_data.add_subparsers(dest="data_command", required=True)
-    p_prepare = data_commands.add_parser(
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--per-task", type=int, default=None, help="prompts per task (default: the run's eval config)")
+    parser.add_argument("--weights", choices=["ema", "weights"], default="ema")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = none)")
+    parser.add_argument("--sampler", choices=["euler", "heun"], default=None)
+    parser.add_argument("--metrics", default=None, metavar="fid,kid,cmmd,dino_mmd,clip_score,pickscore",
+                        help="also score image quality against the reference set, and clip_score/pickscore "
+                        "against the prompts (the run's metrics config)")
+    parser.add_argument("--num-images", type=int, default=None, help="images for --metrics (default: metrics config)")
+    parser.add_argument("--reference", default=None, help="'shapes' or a folder of reference images")
+    parser.add_argument("--mse-t", action="store_true", help="also the MSE of x0 in t-bins on held-out images")
+
+
+def add_geneval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path)
+    parser.add_argument("metadata", type=Path, help="GenEval's evaluation_metadata.jsonl")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", choices=["ema", "weights"], default="ema")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    data_commands = parser.add_subparsers(dest="data_command", required=True)
+    prepare = data_commands.add_parser(
         "prepare", help="image folder, img2dataset tar shards or a Parquet table -> WebDataset shards by bucket")
-    p_prepare.add_argument("src", type=Path)
-    p_prepare.add_argument("out", type=Path)
-    p_prepare.add_argument("options", nargs="*", metavar="key=value",
-                           help="PrepareOptions, e.g. resolution=512 patch_size=32 jpeg_quality=95 processes=8")
-    p_prepare.add_argument("--text-encoder", default=None, metavar="HUB_ID|PATH",
-                           help="store each caption's embeddings by this frozen encoder beside the sample")
-    p_prepare.add_argument("--max-tokens", type=int, default=256)
-    p_prepare.add_argument("--text-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                           help="the encoder's weights while embedding: train with the same text.dtype")
+    prepare.add_argument("src", type=Path)
+    prepare.add_argument("out", type=Path)
+    prepare.add_argument("options", nargs="*", metavar="key=value",
+                         help="PrepareOptions, e.g. resolution=512 patch_size=32 jpeg_quality=95 processes=8")
+    prepare.add_argument("--text-encoder", default=None, metavar="HUB_ID|PATH",
+                         help="store each caption's embeddings by this frozen encoder beside the sample")
+    prepare.add_argument("--max-tokens", type=int, default=256)
+    prepare.add_argument("--text-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                         help="the encoder's weights while embedding: train with the same text.dtype")
+    prepare.add_argument("--text-subfolder", default="", help="the encoder's folder in --text-encoder (text.subfolder)")
+    prepare.add_argument("--tokenizer-subfolder", default="", help="the tokenizer's folder (text.tokenizer_subfolder)")
+    prepare.add_argument("--text-clean", default="basic", choices=["none", "basic", "web", "prx"],
+                         help="prompt cleaning: train with the same text.clean")
 
-    add_bench_arguments(commands.add_parser(
-        "bench", help="time training steps: images/s, FLOPs per image, MFU, peak memory; or compare with diffusers"))
-    add_plan_arguments(commands.add_parser(
-        "plan", help="what a budget buys per stage (steps, images, hours, cost), from a short bench, without training"))
 
-    p_export = commands.add_parser("export", help="write a run as a diffusers PRXPixelPipeline folder")
-    p_export.add_argument("run", type=Path)
-    p_export.add_argument("out", type=Path)
-    p_export.add_argument("--weights", choices=["ema", "weights"], default="ema")
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--weights", choices=["ema", "weights"], default="ema")
 
-    args = parser.parse_args(argv)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixrun", description="Train text-to-image diffusion models in pixel space.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, add_arguments, about in (
+        ("train", add_train_arguments, "train a model (no CONFIG: the built-in shapes-world default)"),
+        ("sample", add_sample_arguments, "generate images for a prompt with a trained run"),
+        ("eval", add_eval_arguments, "compositional (GenEval-style) scores of a trained run"),
+        ("geneval", add_geneval_arguments, "write images for GenEval's prompt file, in its folder layout"),
+        ("data", add_data_arguments, "prepare a data set for training"),
+        ("bench", add_bench_arguments,
+         "time training steps: images/s, FLOPs per image, MFU, peak memory; or compare with diffusers"),
+        ("plan", add_plan_arguments,
+         "what a budget buys per stage (steps, images, hours, cost), from a short bench, without training"),
+        ("export", add_export_arguments,
+         "write a run as a diffusers PRXPixelPipeline (pixel run) or PRXPipeline (latent run) folder"),
+    ):
+        add_arguments(commands.add_parser(name, help=about))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "geneval": cmd_geneval,
+                "export": cmd_export, "data": cmd_data, "bench": cmd_bench, "plan": cmd_plan}
     try:
-        commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "geneval": cmd_geneval,
-                    "export": cmd_export, "data": cmd_data, "bench": cmd_bench, "plan": cmd_plan}
         return commands[args.command](args)
     except (ConfigError, UsageError, FileNotFoundError, WeightsMissingError) as e:
         print(f"pixrun: error: {e}", file=sys.stderr)
@@ -238,7 +261,8 @@ def cmd_data(args) -> int:
     options = options_from(PrepareOptions, args.options, "prepare")
     embed = identity = None
     if args.text_encoder:
-        embed, identity = _caption_embedder(args.text_encoder, args.max_tokens, args.text_dtype)
+        embed, identity = _caption_embedder(args.text_encoder, args.max_tokens, args.text_dtype,
+                                            args.text_subfolder, args.tokenizer_subfolder, args.text_clean)
     try:
         report = prepare_dataset(args.src, args.out, options, embed, identity)
     except ValueError as e:
@@ -247,7 +271,8 @@ def cmd_data(args) -> int:
     return 0
 
 
-def _caption_embedder(encoder: str, max_tokens: int, dtype: str = "bfloat16"):
+def _caption_embedder(encoder: str, max_tokens: int, dtype: str = "bfloat16", subfolder: str = "",
+                      tokenizer_subfolder: str = "", clean: str = "basic"):
     """Captions -> one float16 array (tokens, dim) each, without padding, by a frozen pretrained encoder; and the
     encoder's identity, which the index records so that training with another encoder is refused."""
     import torch
@@ -255,7 +280,8 @@ def _caption_embedder(encoder: str, max_tokens: int, dtype: str = "bfloat16"):
     from pixrun.runtime import resolve_device
     from pixrun.text import TextConfig, TextTower
 
-    config = TextConfig(encoder=encoder, max_tokens=max_tokens, dtype=dtype)
+    config = TextConfig(encoder=encoder, subfolder=subfolder, tokenizer_subfolder=tokenizer_subfolder,
+                        max_tokens=max_tokens, dtype=dtype, clean=clean)
     tower = TextTower.build(config, []).to(resolve_device("auto"))
 
     @torch.no_grad()

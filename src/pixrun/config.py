@@ -14,6 +14,8 @@ import yaml
 from pixrun.budget import budget_seconds
 from pixrun.errors import ConfigError
 from pixrun.flow import FlowConfig
+from pixrun.latent import LatentConfig
+from pixrun.logger import LogConfig
 from pixrun.losses.lpips import LPIPSConfig
 from pixrun.losses.pdino import PDinoConfig
 from pixrun.losses.repa import REPAConfig
@@ -71,7 +73,9 @@ class TrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    metrics_every: int = 0  # FID/KID/CMMD/DINO-MMD and MSE by t on the EMA model every N steps, first and last; 0 = never
+    # metrics.metrics (FID/KID/CMMD/DINO-MMD, CLIPScore/PickScore) and MSE by t of the EMA model every N steps,
+    # first and last; 0 = never
+    metrics_every: int = 0
     max_nonfinite_in_row: int = 20  # a non-finite loss skips its step; this many in a row stop the run (checked on logging steps)
     async_checkpoint: bool = False  # write checkpoints in the background while training goes on
 
@@ -108,8 +112,10 @@ class EvalConfig:
 @dataclass
 class Config:
     run_dir: str = "runs/shapes-default"
+    init: str = ""  # a diffusers PRXPipeline / PRXPixelPipeline (hub id or folder) to start from (pixrun.pretrained)
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)  # pixel space unless latent.vae names a VAE
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -121,6 +127,7 @@ class Config:
     repa: REPAConfig = field(default_factory=REPAConfig)
     tread: TokenRouting = field(default_factory=TokenRouting)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage (train.steps, data.resolution, ...)
 
     def stage_plan(self) -> list[StageConfig]:
@@ -144,12 +151,14 @@ class Config:
         try:
             self.model.validate()
             self.text.validate()
+            self.latent.validate()
             self.flow.validate()
             self.sample.validate()
             self.parallel.validate()
             self.data.validate([stage.batch_size for stage in self.stage_plan()])
             self.optim.validate()
             self.metrics.validate()
+            self.log.validate()
             for loss in (self.lpips, self.pdino, self.repa):
                 loss.validate()
             if self.repa.weight > 0 and self.repa.block >= self.model.depth:

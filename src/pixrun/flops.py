@@ -12,7 +12,10 @@ resizing, the loss arithmetic, the optimizer and EMA do not. Per part:
 - LPIPS's VGG and P-DINO's ViT are frozen but differentiated through: forward on x̂₀ and on x₀, backward to x̂₀
   without weight gradients (3× one forward, plus attention's products once more: their backward needs the
   gradients of both operands);
-- REPA: its teacher's forward on x₀, and the projector's forward + backward on the tokens its block saw.
+- REPA: its teacher's forward on x₀, and the projector's forward + backward on the tokens its block saw;
+- in latent space the denoiser and REPA's token grid are the latents' (resolution / the VAE's factor), and the
+  frozen VAE counts where the step runs it: its encoder's forward on x₀ unless the latents come prepared, and its
+  decoder's forward + backward to x̂₀ when LPIPS or P-DINO look at the decoded image.
 """
 
 from dataclasses import asdict, dataclass
@@ -22,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import PretrainedConfig
 
 from pixrun.config import Config
+from pixrun.latent import Autoencoder
 from pixrun.losses.dino import DinoFeatures, dino_config
 from pixrun.losses.lpips import LPIPS
 from pixrun.losses.pdino import PDino
@@ -40,6 +44,7 @@ class FlopCount:
     lpips: int
     pdino: int
     repa: int  # teacher forward + projector training
+    autoencoder: int = 0  # latent space: the frozen VAE's encode and decode, where the step runs them
 
     @property
     def losses(self) -> int:
@@ -47,7 +52,7 @@ class FlopCount:
 
     @property
     def total(self) -> int:
-        return self.denoiser + self.text_encoder + self.losses
+        return self.denoiser + self.text_encoder + self.losses + self.autoencoder
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "losses": self.losses, "total": self.total}
@@ -115,11 +120,11 @@ def perceptual_flops(loss: torch.nn.Module, resolution: int) -> int:
     return counted_flops(lambda: loss(x_hat, x0).sum().backward())
 
 
-def repa_flops(config: Config, resolution: int, plan: RoutePlan | None) -> int:
-    """The teacher on x₀ at the denoiser's token grid (forward only), and the projector trained on the tokens that
-    reached block `repa.block` (all of them, or TREAD's kept ones)."""
+def repa_flops(config: Config, resolution: int, plan: RoutePlan | None, grid: int | None = None) -> int:
+    """The teacher on x₀ at the denoiser's token grid (`grid` per side; default: pixel patches), forward only, and
+    the projector trained on the tokens that reached block `repa.block` (all of them, or TREAD's kept ones)."""
     c, model = config.repa, config.model
-    grid = resolution // model.patch_size
+    grid = grid or resolution // model.patch_size
     kept = plan.tokens_at(c.block) if plan is not None else None
     with torch.device("meta"):
         teacher = DinoFeatures.from_config(dino_config(c.teacher, c.random_init, "repa.teacher", "repa.random_init"))
@@ -136,15 +141,18 @@ def repa_flops(config: Config, resolution: int, plan: RoutePlan | None) -> int:
 
 
 def training_flops(
-    config: Config, step: int, text_tokens: int, text_encoder: PretrainedConfig | None = None
+    config: Config, step: int, text_tokens: int, text_encoder: PretrainedConfig | None = None,
+    autoencoder: Autoencoder | None = None, prepared_latents: bool = False,
 ) -> FlopCount:
     """FLOPs per image of training step `step` of `config`: at its stage's resolution, with the TREAD routing and
     the losses that stage runs. `text_encoder`: the transformers config of the text tower's encoder, counted as
-    trained or frozen as `config.text` says; None leaves the tower uncounted (its states come precomputed)."""
+    trained or frozen as `config.text` says; None leaves the tower uncounted (its states come precomputed).
+    `autoencoder`: the run's VAE in latent space (its encoder uncounted when the latents are `prepared_latents`)."""
     stage, _ = config.stage_at(step)
     resolution, trained_text = stage.resolution, config.text.trainable
+    grid_resolution = resolution // (autoencoder.factor if autoencoder is not None else 1)
     routing = config.tread if stage.routes(config.tread) else None
-    forward, training = denoiser_flops(config.model, resolution, text_tokens, routing, trained_text)
+    forward, training = denoiser_flops(config.model, grid_resolution, text_tokens, routing, trained_text)
 
     def runs(name: str) -> bool:
         return getattr(config, name).weight > 0 and stage.uses(name)
@@ -161,8 +169,31 @@ def training_flops(
                                                                  "pdino.random_init")), p.size)
         pdino = perceptual_flops(network, resolution)
     if runs("repa") and config.repa.active(step):
-        repa = repa_flops(config, resolution, meta_denoiser(config.model, resolution, routing)[1])
+        plan = meta_denoiser(config.model, grid_resolution, routing)[1]
+        repa = repa_flops(config, resolution, plan, grid_resolution // config.model.patch_size)
     text = 0
     if text_encoder is not None:
         text = text_encoder_flops(config.text, text_encoder, text_tokens, trained_text)
-    return FlopCount(forward, training, text, lpips, pdino, repa)
+    vae = 0
+    if autoencoder is not None:
+        vae = autoencoder_flops(autoencoder, resolution, encode=not prepared_latents,
+                                decode=runs("lpips") or runs("pdino"))
+    return FlopCount(forward, training, text, lpips, pdino, repa, vae)
+
+
+def autoencoder_flops(autoencoder: Autoencoder, resolution: int, encode: bool, decode: bool) -> int:
+    """The frozen VAE on one image: its encoder's forward (`encode`), its decoder's forward and backward to the
+    latents (`decode`: no weight gradients)."""
+    with torch.device("meta"):
+        meta = Autoencoder(type(autoencoder.vae).from_config(autoencoder.vae.config), autoencoder.config)
+        image = torch.empty(1, 3, resolution, resolution)
+        side = resolution // autoencoder.factor
+        latents = torch.empty(1, autoencoder.channels, side, side, requires_grad=True)
+
+    def step():
+        if encode:
+            meta.encode(image)
+        if decode:
+            meta.decode(latents).sum().backward()
+
+    return counted_flops(step)

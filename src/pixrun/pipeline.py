@@ -13,6 +13,7 @@ from pixrun.config import Config, load_config
 from pixrun.data.shapes import ShapesWorld
 from pixrun.errors import ConfigError
 from pixrun.flow import Flow
+from pixrun.latent import Autoencoder
 from pixrun.model import Denoiser, ModelConfig, TokenRouting
 from pixrun.runtime import compute_context
 from pixrun.sampler import SampleConfig, generate
@@ -27,16 +28,27 @@ def build_world(config: Config) -> ShapesWorld:
         raise ConfigError(f"data: {e}") from None
 
 
-def denoiser_config(model: ModelConfig, text_dim: int) -> ModelConfig:
+def denoiser_config(model: ModelConfig, text_dim: int, in_channels: int | None = None) -> ModelConfig:
     """The denoiser's settings: the run's model section, taking text states `text_dim` wide (the text tower's
-    output). Derived where a denoiser is made, never written back into the run's config."""
-    return dataclasses.replace(model, context_dim=text_dim)
+    output) and inputs of `in_channels` (an autoencoder's latent channels; None: the model section's). Derived
+    where a denoiser is made, never written back into the run's config."""
+    return dataclasses.replace(model, context_dim=text_dim, in_channels=in_channels or model.in_channels)
+
+
+def check_latent_sizes(config: Config, autoencoder: Autoencoder) -> None:
+    """Every resolution the run trains or samples at must give whole patches of latents."""
+    multiple = autoencoder.factor * config.model.patch_size
+    for resolution in dict.fromkeys([config.data.resolution, *(s.resolution for s in config.stage_plan())]):
+        if resolution % multiple:
+            raise ConfigError(f"resolution {resolution} is not a multiple of {multiple}, the autoencoder's factor "
+                              f"{autoencoder.factor} times model.patch_size {config.model.patch_size}")
 
 
 @dataclass
 class Pipeline:
-    """What sampling needs, as a diffusers pipeline bundles it: the denoiser, the text tower, the flow, and the
-    run's sampling settings. `Pipeline.from_config` makes one around a text tower; `load_run` loads a trained run."""
+    """What sampling needs, as a diffusers pipeline bundles it: the denoiser, the text tower, the flow, the run's
+    sampling settings and, in latent space, the frozen autoencoder. `Pipeline.from_config` makes one around a text
+    tower; `load_run` loads a trained run."""
 
     denoiser: Denoiser
     text_tower: TextTower
@@ -45,22 +57,29 @@ class Pipeline:
     precision: str = "auto"  # as train.precision: auto (bf16 autocast where it is fast) | fp32 | bf16
     routing: TokenRouting | None = None  # the run's TREAD setting: the routed pass of sample.self_guidance
     resolution: int = 64  # of generated images, unless asked otherwise (the run's data.resolution)
+    autoencoder: Autoencoder | None = None  # latent space: the flow runs on its latents; None: pixel space
 
     @classmethod
     def from_config(cls, config: Config, text_tower: TextTower) -> "Pipeline":
-        """A denoiser with fresh weights, taking `text_tower`'s states, and the run's flow and sampling settings."""
-        denoiser = Denoiser(denoiser_config(config.model, text_tower.dim))
+        """A denoiser with fresh weights, taking `text_tower`'s states (and the autoencoder's latents when
+        config.latent names one), and the run's flow and sampling settings."""
+        autoencoder = Autoencoder.from_config(config.latent) if config.latent.enabled else None
+        if autoencoder is not None:
+            check_latent_sizes(config, autoencoder)
+        in_channels = autoencoder.channels if autoencoder is not None else None
+        denoiser = Denoiser(denoiser_config(config.model, text_tower.dim, in_channels))
         return cls(denoiser, text_tower, Flow(config.flow), config.sample, config.train.precision, config.tread,
-                   config.data.resolution)
+                   config.data.resolution, autoencoder)
 
-    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        params = {f"denoiser.{n}": p for n, p in self.denoiser.named_parameters()}
-        if self.text_tower.trainable:
-            params.update({f"text_encoder.{n}": p for n, p in self.text_tower.encoder.named_parameters()})
-        return params
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """What training changes, by the name its weights carry in checkpoints: "denoiser.*", and
+        "text_encoder.*" when the text encoder is trained jointly."""
+        trainable_text = {"text_encoder": self.text_tower.encoder} if self.text_tower.trainable else {}
+        return {"denoiser": self.denoiser, **trainable_text}
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = self.trainable_parameters()
+        params = {f"{owner}.{name}": p for owner, module in self.trained_modules().items()
+                  for name, p in module.named_parameters()}
         missing = sorted(set(params) - set(tensors))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
@@ -71,6 +90,8 @@ class Pipeline:
     def to(self, device) -> "Pipeline":
         self.denoiser.to(device)
         self.text_tower.to(device)
+        if self.autoencoder is not None:
+            self.autoencoder.to(device)
         return self
 
     def eval(self) -> "Pipeline":
@@ -81,13 +102,17 @@ class Pipeline:
     def generate(self, prompts: list[str], seed: int = 0, sample: SampleConfig | None = None,
                  resolution: int | None = None) -> torch.Tensor:
         """Images in [-1, 1] at `resolution` (default: the pipeline's), sampled as `sample` says (default: the
-        pipeline's settings); image i from the noise of seed + i."""
+        pipeline's settings); image i from the noise of seed + i. In latent space the noise is latent-shaped and
+        the sampled latents are decoded outside autocast, as diffusers' PRXPipeline decodes them."""
         device = next(self.denoiser.parameters()).device
+        resolution = resolution or self.resolution
+        factor = self.autoencoder.factor if self.autoencoder is not None else 1
         with compute_context(device, self.precision):
-            return generate(
-                self.denoiser, self.text_tower, self.flow, prompts, resolution or self.resolution,
-                sample or self.sample, seed, routing=self.routing,
-            )
+            x = generate(self.denoiser, self.text_tower, self.flow, prompts, resolution // factor,
+                         sample or self.sample, seed, routing=self.routing)
+        if self.autoencoder is not None:
+            x = self.autoencoder.decode(x)
+        return x.clamp(-1, 1)
 
 
 def build_pipeline(config: Config, captions: Iterable[str], run_dir: Path | None = None) -> Pipeline:

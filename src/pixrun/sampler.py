@@ -1,8 +1,12 @@
-"""Sampling: Euler and Heun over the x0 -> v conversion, with classifier-free guidance.
+"""Sampling: Euler and Heun on the flow's velocity, with classifier-free guidance.
 
-The ODE solvers see only a function (x_t, t) -> x0 and a list of times; `generate` wires the denoiser, the text
-tower and guidance into such a function. With `time_grid: diffusers`, Euler, cfg_interval [0, 1] and the run's
-noise scale, `generate` computes what diffusers' PRXPixelPipeline computes for an exported run (docs/export.md).
+The ODE solvers see only a function (x_t, t) -> the model's prediction, in the flow's own space (x0, eps or v),
+and a list of times; they take the velocity from it with `Flow.convert`. So an x-predicting model's x0 becomes v
+with t clamped (as in training), and a v-predicting model's output is used as it is, never through x0 (the clamp
+would change its last steps). `generate` wires the denoiser, the text tower and guidance into such a function.
+With `time_grid: diffusers`, Euler, cfg_interval [0, 1] and the run's noise scale, `generate` computes what
+diffusers' PRXPixelPipeline (x-prediction) or PRXPipeline (v-prediction, in a VAE's latent space) computes for an
+exported or imported pipeline (docs/export.md, docs/finetune.md).
 """
 
 from collections.abc import Callable
@@ -14,7 +18,7 @@ import torch
 from pixrun.flow import Flow, sampling_times, shift_time
 from pixrun.text import pad_states
 
-X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PredFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> prediction in the flow's space
 
 
 @dataclass
@@ -67,22 +71,26 @@ def diffusers_times(steps: int, shift: float, train_timesteps: int = 1000) -> to
 TIME_GRIDS = {"linear": sampling_times, "diffusers": diffusers_times}
 
 
-def sample_euler(x0_fn: X0Fn, x: torch.Tensor, times: torch.Tensor, flow: Flow) -> torch.Tensor:
+def velocity(flow: Flow, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return flow.convert(pred, x, t, flow.config.prediction, "v")
+
+
+def sample_euler(pred_fn: PredFn, x: torch.Tensor, times: torch.Tensor, flow: Flow) -> torch.Tensor:
     for t, t_next in pairwise(times):
         tb = t.expand(x.shape[0]).to(x.device)
-        x = x + (t_next - t) * flow.to_v(x0_fn(x, tb), x, tb)
+        x = x + (t_next - t) * velocity(flow, pred_fn(x, tb), x, tb)
     return x
 
 
-def sample_heun(x0_fn: X0Fn, x: torch.Tensor, times: torch.Tensor, flow: Flow) -> torch.Tensor:
+def sample_heun(pred_fn: PredFn, x: torch.Tensor, times: torch.Tensor, flow: Flow) -> torch.Tensor:
     for t, t_next in pairwise(times):
         tb, tb_next = t.expand(x.shape[0]).to(x.device), t_next.expand(x.shape[0]).to(x.device)
-        v = flow.to_v(x0_fn(x, tb), x, tb)
+        v = velocity(flow, pred_fn(x, tb), x, tb)
         x_euler = x + (t_next - t) * v
         if t_next == 0:  # the second evaluation would divide by t = 0
             x = x_euler
         else:
-            v_next = flow.to_v(x0_fn(x_euler, tb_next), x_euler, tb_next)
+            v_next = velocity(flow, pred_fn(x_euler, tb_next), x_euler, tb_next)
             x = x + (t_next - t) * (v + v_next) / 2
     return x
 
@@ -90,27 +98,31 @@ def sample_heun(x0_fn: X0Fn, x: torch.Tensor, times: torch.Tensor, flow: Flow) -
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
 
 
-def guided_x0_fn(model, flow: Flow, cond, uncond, cfg_scale: float, cfg_interval) -> X0Fn:
-    """x0 with classifier-free guidance applied on x0, inside the t-interval only."""
+def guided_fn(model, cond, uncond, cfg_scale: float, cfg_interval) -> PredFn:
+    """The model's prediction with classifier-free guidance, inside the t-interval only. Guidance is taken in the
+    prediction's own space: at a given (x_t, t), x0, eps and v are affine in one another and guidance is an affine
+    combination, so this is guidance on x0 too. It is what diffusers does: on x0 in PRXPixelPipeline, on v in
+    PRXPipeline."""
     txt, mask = cond
     lo, hi = cfg_interval
 
-    def x0_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def pred_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         guide = cfg_scale != 1 and lo <= float(t[0]) <= hi
         if not guide:
-            return flow.to_x0(model(x, t, txt, mask).float(), x, t)
+            return model(x, t, txt, mask).float()
         u_txt, u_mask = uncond
         both = model(torch.cat([x, x]), torch.cat([t, t]), pad_states([*txt, *u_txt])[0],
                      pad_states([*mask, *u_mask])[0])
-        x0_c, x0_u = flow.to_x0(both.float(), torch.cat([x, x]), torch.cat([t, t])).chunk(2)
-        return x0_u + cfg_scale * (x0_c - x0_u)
+        pred_c, pred_u = both.float().chunk(2)
+        return pred_u + cfg_scale * (pred_c - pred_u)
 
-    return x0_fn
+    return pred_fn
 
 
 def self_guided(model, routing, weight: float, seed: int):
     """TREAD self-guidance: the model with tokens routed around its middle blocks is a weaker version of itself;
-    extrapolate away from it, out = routed + w * (dense - routed). The output is affine in x0, so this holds in x0."""
+    extrapolate away from it, out = routed + w * (dense - routed), on the prediction in its own space (affine in x0,
+    as guidance is)."""
 
     def call(x, t, txt, mask):
         dense = model(x, t, txt, mask)
@@ -126,15 +138,16 @@ def self_guided(model, routing, weight: float, seed: int):
 
 @torch.no_grad()
 def generate(
-    model, text_tower, flow: Flow, prompts: list[str], resolution: int, config: SampleConfig, seed: int = 0,
+    model, text_tower, flow: Flow, prompts: list[str], size: int, config: SampleConfig, seed: int = 0,
     routing=None,
 ) -> torch.Tensor:
-    """Images in [-1, 1], one per prompt; image i starts from the noise of seed `seed + i`, whatever the batch.
-    `routing` (the run's TREAD setting) enables self-guidance when config.self_guidance != 1."""
+    """Samples x0 (B, model's in_channels, size, size), one per prompt, unclamped: images in [-1, 1] in pixel space,
+    scaled latents in a VAE's. Sample i starts from the noise of seed `seed + i`, whatever the batch. `routing` (the
+    run's TREAD setting) enables self-guidance when config.self_guidance != 1."""
     device = next(model.parameters()).device
     cond = text_tower(prompts)
     uncond = text_tower([""] * len(prompts))
-    shape = (model.config.in_channels, resolution, resolution)
+    shape = (model.config.in_channels, size, size)
     seeds = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     noise = torch.stack([torch.randn(shape, generator=g) for g in seeds])
     x = flow.noise_scale(noise) * noise.to(device)
@@ -142,6 +155,6 @@ def generate(
         model_fn = self_guided(model, routing, config.self_guidance, config.self_guidance_seed)
     else:
         model_fn = model
-    x0_fn = guided_x0_fn(model_fn, flow, cond, uncond, config.cfg_scale, config.cfg_interval)
+    pred_fn = guided_fn(model_fn, cond, uncond, config.cfg_scale, config.cfg_interval)
     times = TIME_GRIDS[config.time_grid](config.steps, config.shift).to(device)
-    return SAMPLERS[config.sampler](x0_fn, x, times, flow).clamp(-1, 1)
+    return SAMPLERS[config.sampler](pred_fn, x, times, flow)

@@ -3,13 +3,21 @@
 One code path for both kinds of encoder: a transformers model plus its tokenizer. The CPU default is a small T5
 encoder initialised from a config and trained jointly with the denoiser, with a byte-level BPE tokenizer that the
 `tokenizers` library learns from the data's captions (the shapes world's words, or the caption sample that
-`pixrun data prepare` writes). A pretrained encoder (T5Gemma's encoder, a Qwen3 base model, a
-T5 / UMT5 encoder) is loaded from a hub id or a local directory, the same way for both, in bf16, and stays frozen;
-its class follows the checkpoint's `model_type` unless `encoder_class` names one.
+`pixrun data prepare` writes). A pretrained encoder (T5Gemma's encoder, a Qwen3 base model, Qwen3-VL's text model,
+a T5 / UMT5 encoder) is loaded from a hub id or a local directory, the same way for both, in bf16, and stays frozen;
+its class follows the checkpoint's `model_type` unless `encoder_class` names one. `subfolder` and
+`tokenizer_subfolder` reach into a diffusers pipeline (text_encoder/ and tokenizer/ of a PRXPipeline or
+PRXPixelPipeline), whose prompts the tower then encodes as the pipeline's encode_prompt does: the same cleaning
+(`clean`: prx for PRXPipeline, basic for PRXPixelPipeline), token budget (`max_tokens`: PRXPipeline's tokenizer
+model_max_length, PRXPixelPipeline's prompt_max_tokens) and states (the last hidden state) at the real tokens. Only the
+padding differs: the tower pads on the right to the longest prompt, the pipelines to the token budget on the
+tokenizer's side, which PRX's denoiser cannot tell apart (it masks padding and gives text tokens no position).
 """
 
+import functools
 import hashlib
 import html
+import importlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -35,7 +43,14 @@ ENCODER_CLASSES = {
     "qwen2": "Qwen2Model",
     "qwen3": "Qwen3Model",
     "qwen3_moe": "Qwen3MoeModel",
+    "t5_gemma_module": "T5GemmaEncoder",  # T5Gemma's encoder saved alone, as diffusers' PRXPipeline holds it
+    "qwen3_vl": "Qwen3VLTextModel",  # a whole Qwen3-VL: its text model only, without the vision tower
+    "qwen3_vl_text": "Qwen3VLTextModel",  # Qwen3-VL's text model saved alone, as diffusers' PRXPixelPipeline holds it
 }
+# Classes of ENCODER_CLASSES that transformers does not export at its top level.
+CLASS_MODULES = {"T5GemmaEncoder": "transformers.models.t5gemma.modeling_t5gemma"}
+# The text model's weights inside a whole Qwen3-VL: Qwen3VLForConditionalGeneration's, or Qwen3VLModel's.
+LANGUAGE_MODEL_KEYS = {r"^model\.language_model\.": "", r"^language_model\.": ""}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 URL = re.compile(r"\b(?:https?://|www\.)\S+", re.IGNORECASE)
 HANDLE = re.compile(r"(?<!\w)@\w+")
@@ -44,6 +59,8 @@ HANDLE = re.compile(r"(?<!\w)@\w+")
 @dataclass
 class TextConfig:
     encoder: str = "small"  # "small" (trained jointly, from scratch) or a hub id / local path (frozen)
+    subfolder: str = ""  # the encoder's folder inside `encoder`, e.g. text_encoder of a diffusers pipeline
+    tokenizer_subfolder: str = ""  # the tokenizer's, e.g. tokenizer; "": beside the encoder
     encoder_class: str = "auto"  # auto: by the checkpoint's model_type (ENCODER_CLASSES); or a transformers class
     dtype: str = "bfloat16"  # weights of a frozen pretrained encoder: bfloat16 | float32
     width: int = 256  # the small encoder's size
@@ -53,6 +70,7 @@ class TextConfig:
     vocab_size: int = 4096  # the small encoder's tokenizer: at most this many pieces, learnt from the captions
     max_tokens: int = 32  # prompts are truncated to this many tokens (the recipe: 256)
     clean: str = "basic"  # prompt cleaning: none | basic (as diffusers' PRXPixelPipeline) | web (basic + urls, ...)
+    #                       | prx (as diffusers' PRXPipeline: DeepFloyd's, lower-cased)
     cache_dir: str | None = None  # embeddings of a frozen encoder kept here (text_cache.py); None: encode each step
 
     @property
@@ -60,7 +78,7 @@ class TextConfig:
         return self.encoder == "small"
 
     def validate(self) -> None:
-        if self.encoder_class != "auto" and not hasattr(transformers, self.encoder_class):
+        if self.encoder_class not in ("auto", *CLASS_MODULES) and not hasattr(transformers, self.encoder_class):
             raise ValueError(f"text.encoder_class {self.encoder_class!r} is not a transformers class")
         if self.dtype not in DTYPES:
             raise ValueError(f"text.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -75,6 +93,8 @@ class TextConfig:
             raise ValueError("text.max_tokens must be at least 1")
         if self.cache_dir and self.trainable:
             raise ValueError("text.cache_dir needs a frozen pretrained text.encoder: the small one changes every step")
+        if (self.subfolder or self.tokenizer_subfolder) and self.trainable:
+            raise ValueError("text.subfolder and text.tokenizer_subfolder need a pretrained text.encoder to look in")
 
 
 def pad_states(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +120,22 @@ def web_clean(prompt: str) -> str:
     return " ".join(prompt.split())
 
 
-CLEANERS = {"none": lambda prompt: prompt, "basic": basic_clean, "web": web_clean}
+@functools.cache
+def prx_preprocessor():
+    try:
+        from diffusers.pipelines.prx.pipeline_prx import TextPreprocessor
+    except ImportError as e:
+        raise ImportError("text.clean=prx is diffusers' PRX prompt cleaning: install diffusers") from e
+    return TextPreprocessor()
+
+
+def prx_clean(prompt: str) -> str:
+    """What diffusers' PRXPipeline does to every prompt (its TextPreprocessor.clean_text): DeepFloyd IF's cleaning,
+    lower-cased, without urls, handles, ids, file names, CJK ideographs and most punctuation."""
+    return prx_preprocessor().clean_text(prompt)
+
+
+CLEANERS = {"none": lambda prompt: prompt, "basic": basic_clean, "web": web_clean, "prx": prx_clean}
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int) -> transformers.PreTrainedTokenizerFast:
@@ -152,16 +187,51 @@ def encoder_class(config: TextConfig, model_type: str) -> type:
                 f"for (known: {', '.join(ENCODER_CLASSES)}); set text.encoder_class"
             )
         name = ENCODER_CLASSES[model_type]
-    return getattr(transformers, name)
+    module = importlib.import_module(CLASS_MODULES[name]) if name in CLASS_MODULES else transformers
+    return getattr(module, name)
+
+
+def checkpoint_type(raw_config: dict) -> str:
+    """The checkpoint's model_type, read from its config.json as saved (AutoConfig knows no t5_gemma_module)."""
+    model_type = raw_config["model_type"]
+    # diffusers' PRX pipelines save T5Gemma's encoder alone under the whole model's config: its encoder part counts
+    if model_type == "t5gemma" and raw_config.get("architectures") == ["T5GemmaEncoder"]:
+        return "t5_gemma_module"
+    return model_type
+
+
+def loading_arguments(model_type: str, raw_config: dict) -> dict:
+    """What ENCODER_CLASSES' class for `model_type` needs to load such a checkpoint."""
+    if model_type == "t5gemma":  # an encoder-decoder; the encoder-only class wants the flag off
+        return {"is_encoder_decoder": False}
+    if model_type == "t5_gemma_module":  # the encoder's own config, alone or inside the whole model's
+        return {"config": transformers.T5GemmaModuleConfig.from_dict(raw_config.get("encoder", raw_config))}
+    if model_type == "qwen3_vl":  # the text model's weights, under their prefix; the vision tower's stay unread
+        return {"key_mapping": LANGUAGE_MODEL_KEYS}
+    return {}
 
 
 def pretrained_encoder(config: TextConfig) -> nn.Module:
     """A frozen encoder from a hub id or a local directory, with the same code for both."""
-    model_type = transformers.AutoConfig.from_pretrained(config.encoder).model_type
+    raw_config, _ = transformers.PreTrainedConfig.get_config_dict(config.encoder, subfolder=config.subfolder)
+    model_type = checkpoint_type(raw_config)
     cls = encoder_class(config, model_type)
-    # T5Gemma checkpoints are encoder-decoders; its encoder-only class wants the flag off.
-    extra = {"is_encoder_decoder": False} if model_type == "t5gemma" else {}
-    return cls.from_pretrained(config.encoder, dtype=DTYPES[config.dtype], **extra)
+    extra = loading_arguments(model_type, raw_config) if cls.__name__ == ENCODER_CLASSES.get(model_type) else {}
+    encoder, loading = cls.from_pretrained(config.encoder, subfolder=config.subfolder, dtype=DTYPES[config.dtype],
+                                           output_loading_info=True, **extra)
+    # transformers starts weights the checkpoint lacks from random values, and only says so in its log
+    if loading["missing_keys"]:
+        missing = sorted(loading["missing_keys"])
+        raise ValueError(f"text encoder {config.encoder!r} holds no weights for {len(missing)} of {cls.__name__}'s "
+                         f"({', '.join(missing[:3])}, ...): a frozen encoder would stay random; name the class that "
+                         "fits the checkpoint in text.encoder_class")
+    return encoder
+
+
+def pretrained_tokenizer(config: TextConfig) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer in `tokenizer_subfolder`, or beside the encoder."""
+    subfolder = config.tokenizer_subfolder or config.subfolder
+    return transformers.AutoTokenizer.from_pretrained(config.encoder, subfolder=subfolder)
 
 
 class TextTower(nn.Module):
@@ -191,7 +261,7 @@ class TextTower(nn.Module):
             tokenizer = train_tokenizer(map(CLEANERS[config.clean], captions), config.vocab_size)
             encoder = small_encoder(config, len(tokenizer))
         else:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(config.encoder)
+            tokenizer = pretrained_tokenizer(config)
             encoder = pretrained_encoder(config)
         tower = cls(tokenizer, encoder, config)
         if run_dir is not None:
@@ -231,6 +301,9 @@ class TextTower(nn.Module):
         settings = asdict(self.config)
         for unused in ("width", "depth", "heads", "ff_mult", "vocab_size", "cache_dir"):  # no bearing on a frozen encoder's output
             settings.pop(unused)
+        for place in ("subfolder", "tokenizer_subfolder"):  # unset: left out, so identities from before them hold
+            if not settings[place]:
+                settings.pop(place)
         return {**settings, "class": type(self.encoder).__name__, "weights": digest.hexdigest()[:32]}
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

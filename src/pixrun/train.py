@@ -19,6 +19,7 @@ import struct
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from pixrun.data.source import (
     read_held_out,
 )
 from pixrun.errors import ConfigError, TrainingError
+from pixrun.latent import Autoencoder
 from pixrun.logger import RunLogger, save_grid
 from pixrun.losses.auxiliary import AuxiliaryLosses
 from pixrun.metrics import (
@@ -52,6 +54,7 @@ from pixrun.model import count_parameters
 from pixrun.optim import EMA, build_optimizer, set_lr
 from pixrun.parallel import StopVote, device_mesh, parallelize, resolve_strategy, shard_copy
 from pixrun.pipeline import Pipeline, build_pipeline, build_world, load_run_config, to_uint8
+from pixrun.pretrained import load_init_weights, resolve_init
 from pixrun.runtime import World, attention_context, close_world, compute_context, init_world, uses_bf16
 from pixrun.text import TextTower, pad_states
 from pixrun.text_cache import TextCache
@@ -74,7 +77,7 @@ def tokenizer_captions(config: Config) -> list[str]:
     return [caption for index in indexes for caption in read_captions(index, config.data.shard_url)]
 
 
-def prepare(config: Config, checkpoint: Path | None, world: World) -> Pipeline:
+def start_pipeline(config: Config, checkpoint: Path | None, world: World) -> Pipeline:
     """A fresh run's pipeline (rank 0 sets up its folder), or a run's to resume, checked against its config.
     Every rank seeds the same generator first, so every rank starts from the same weights."""
     run_dir = Path(config.run_dir)
@@ -84,12 +87,13 @@ def prepare(config: Config, checkpoint: Path | None, world: World) -> Pipeline:
             run_dir.mkdir(parents=True, exist_ok=True)
         captions = tokenizer_captions(config) if config.text.trainable else []
         pipeline = build_pipeline(config, captions, run_dir if world.is_main else None)
+        load_init_weights(pipeline, config)
         if world.is_main:
             save_config(config, run_dir / "config.yaml")
         world.barrier()
         return pipeline
     saved = load_run_config(run_dir)
-    for section in ("model", "text", "flow", "data"):
+    for section in ("model", "text", "latent", "flow", "data"):
         if getattr(saved, section) != getattr(config, section):
             raise ConfigError(f"cannot resume {run_dir} with a different '{section}' section than it was started with")
     world.barrier()  # every rank has read the saved config before rank 0 rewrites it
@@ -98,192 +102,233 @@ def prepare(config: Config, checkpoint: Path | None, world: World) -> Pipeline:
     return Pipeline.from_config(config, TextTower.load(config.text, run_dir))
 
 
+@dataclass
+class TrainState:
+    """What training reads and changes, built once by `build_state` and advanced by `train_step`.
+
+    `trained` is the one registry of what is trained: the pipeline's trained modules and the auxiliary losses'
+    (REPA's projector), by the names their weights carry in checkpoints ("<name>.<param>"); `ema_trained` holds
+    their EMA, with the same names, sharded the same way."""
+
+    config: Config
+    world: World
+    device: torch.device
+    pipeline: Pipeline
+    ema_pipeline: Pipeline
+    aux: AuxiliaryLosses
+    trained: nn.ModuleDict
+    ema_trained: nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    source: ShapesSource | ShardSource
+    encode_text: TextTower | TextCache  # a frozen tower's states may come from the embedding cache
+    strategy: str  # ddp | fsdp | hsdp | single
+    nonfinite_total: torch.Tensor  # device-side counters: read on logging steps only
+    nonfinite_in_row: torch.Tensor
+    lr: float = 0.0
+    empty_prompt: torch.Tensor | None = None  # the frozen tower's encoded "", for dropped captions
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        return dict(self.trained.named_parameters())
+
+    def counters(self) -> dict[str, torch.Tensor]:
+        """The device-side counters, saved with each checkpoint and filled in place on resume."""
+        return {"ema_updates": self.ema.updates, "nonfinite_steps": self.nonfinite_total}
+
+
+def build_state(config: Config, world: World, device: torch.device, pipeline: Pipeline) -> TrainState:
+    """The trained modules sharded for `world` (DDP / FSDP2 / HSDP), their EMA copy sharded alike, the
+    optimizer, the data source and the counters, around a pipeline on `device`."""
+    text = pipeline.text_tower
+    source = build_source(config, world, text, pin_memory=device.type == "cuda", autoencoder=pipeline.autoencoder)
+    bf16 = uses_bf16(device, config.train.precision)
+    aux = AuxiliaryLosses(config, config.model.width, device)
+    trained = {**pipeline.trained_modules(), **aux.trainable()}
+    # The EMA weights live in a copy of the trained modules, sharded like them: generation runs on every rank
+    # with one block gathered at a time, and no rank ever holds the whole EMA.
+    ema_text = copy.deepcopy(text) if text.trainable else text
+    ema_trained = {name: ema_text.encoder if name == "text_encoder" else copy.deepcopy(module)
+                   for name, module in trained.items()}
+    for module in ema_trained.values():
+        module.requires_grad_(False)
+    mesh = device_mesh(config.parallel, world, device) if resolve_strategy(config.parallel, world) == "fsdp" else None
+    try:
+        strategy = parallelize(pipeline.denoiser, [m for n, m in trained.items() if n != "denoiser"],
+                               config.parallel, world, device, bf16, mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    shard_copy(ema_trained["denoiser"], [m for n, m in ema_trained.items() if n != "denoiser"], config.parallel,
+               world, mesh, bf16)
+    trained, ema_trained = nn.ModuleDict(trained), nn.ModuleDict(ema_trained)
+    params = dict(trained.named_parameters())
+    # Newton-Schulz in the compute precision: bf16 where it is fast, fp32 where bf16 products are slow (CPUs
+    # without AMX, where bf16 Newton-Schulz was most of the step, or far more without AVX-512)
+    optimizer = build_optimizer(params, config.optim, torch.bfloat16 if bf16 else torch.float32)
+    encode_text = text
+    if config.text.cache_dir and not text.trainable:
+        encode_text = TextCache(config.text.cache_dir, text, writer=str(world.rank))
+    return TrainState(
+        config=config, world=world, device=device, pipeline=pipeline,
+        ema_pipeline=dataclasses.replace(pipeline, denoiser=ema_trained["denoiser"], text_tower=ema_text).eval(),
+        aux=aux, trained=trained, ema_trained=ema_trained, optimizer=optimizer,
+        ema=EMA(params, dict(ema_trained.named_parameters()), config.ema),
+        source=source, encode_text=encode_text,
+        strategy=strategy,
+        nonfinite_total=torch.zeros((), dtype=torch.int64, device=device),
+        nonfinite_in_row=torch.zeros((), dtype=torch.int64, device=device),
+    )
+
+
+def train_step(state: TrainState, step: int) -> dict[str, torch.Tensor]:
+    """One optimisation step on this rank's part of global batch `step`; returns its figures as device tensors
+    (loss, each loss term, grad norm). Nothing here waits for the device."""
+    config, tc, device, world = state.config, state.config.train, state.device, state.world
+    denoiser, flow = state.pipeline.denoiser, state.pipeline.flow
+    state.lr = set_lr(state.optimizer, step, config.optim, tc.steps)
+    stage, stage_start = config.stage_at(step)
+    batch = state.source.batch(step, stage, stage_start)
+    has_rows = len(batch.captions) > 0
+    if not has_rows:  # every sample was bad: a stand-in row keeps this rank in the collectives, weighted 0
+        batch = LocalBatch(torch.zeros(1, 3, stage.resolution, stage.resolution, dtype=torch.uint8), [""])
+    first = world.rank * (stage.batch_size // world.size)
+    rows = [first + row for row in (batch.rows or range(len(batch.captions)))]  # rows in the global batch
+    generators = [torch.Generator(device).manual_seed(sample_seed(tc.seed, step, row)) for row in rows]
+    # drawn on the host (which captions to tokenise is decided there), from the sample's own stream
+    dropped = [random.Random(sample_seed(tc.seed, step, row, DROPOUT)).random() < config.flow.caption_dropout
+               for row in rows]
+    images = batch.images_on(device)
+    autoencoder = state.pipeline.autoencoder
+    x0 = images if autoencoder is None else latents_of(autoencoder, batch, images)  # what the flow runs on
+    t = torch.cat([flow.sample_t(1, g) for g in generators])
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in generators])
+    plan = None
+    if stage.routes(config.tread):  # drawn last: the other draws stay
+        p = config.model.patch_size
+        tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
+        plan = denoiser.plan_routing(config.tread, tokens, generators, device)
+    x_t = flow.add_noise(x0, eps, t)
+    with compute_context(device, tc.precision):
+        txt, mask = text_states(state, batch, dropped)
+        repa_block = state.aux.repa_block(stage, step)
+        pred = denoiser(x_t, t, txt, mask, routing=plan, hidden_at=repa_block)
+        pred, hidden = pred if repa_block is not None else (pred, None)
+        x0_hat = flow.to_x0(pred.float(), x_t, t)
+        pixels_per_token = config.model.patch_size
+        if autoencoder is not None:  # the auxiliary losses compare images: decoded x̂₀ with the real ones
+            pixels_per_token *= autoencoder.factor
+            if state.aux.compares_images(stage):
+                x0_hat = autoencoder.decode(x0_hat)
+        terms = state.aux(x0_hat, images, t, plan, stage, step, pixels_per_token, hidden)
+    flow_loss = flow.loss(pred.float(), x0, eps, x_t, t)
+    loss = flow_loss + sum(terms.values())
+    if not has_rows:
+        loss = loss * 0.0
+    state.optimizer.zero_grad(set_to_none=True)
+    with attention_context(device):
+        loss.backward()
+    params = state.params
+    grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), config.optim.grad_clip)
+    if isinstance(grad_norm, DTensor):  # already reduced over ranks: every rank decides the same way
+        grad_norm = grad_norm.full_tensor()
+    finite = torch.isfinite(grad_norm)
+    apply = finite & world.all_true(torch.full((), has_rows, device=device))
+    state.optimizer.step(apply=apply)
+    state.ema.update(step, apply)
+    state.nonfinite_total += (~finite).long()
+    state.nonfinite_in_row = (state.nonfinite_in_row + 1) * (~finite).long()
+    return {
+        "loss": loss.detach(),
+        "flow_loss": flow_loss.detach(),
+        **{k: v.detach() for k, v in terms.items()},
+        "grad_norm": grad_norm.detach(),
+    }
+
+
+def latents_of(autoencoder: Autoencoder, batch: LocalBatch, images: torch.Tensor) -> torch.Tensor:
+    """The batch's latents: prepared by `pixrun data prepare` (read, not computed), or encoded here."""
+    if batch.latents is not None:
+        return batch.latents_on(images.device)
+    return autoencoder.encode(images)
+
+
+def text_states(state: TrainState, batch: LocalBatch, dropped: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encoded captions; a dropped caption becomes the encoded empty prompt. Embeddings precomputed by
+    `pixrun data prepare` are used as they are (they came from the same frozen encoder)."""
+    if batch.embeddings is None or state.pipeline.text_tower.trainable:
+        return state.encode_text(["" if drop else caption for caption, drop in zip(batch.captions, dropped)])
+    if state.empty_prompt is None:  # encoded once: the tower is frozen
+        states, mask = state.encode_text([""])
+        state.empty_prompt = states[0][mask[0]]
+    empty = state.empty_prompt
+    states = [empty if drop else e.to(state.device, empty.dtype) for e, drop in zip(batch.embeddings, dropped)]
+    txt, mask = pad_states(states)
+    padded = len({len(s) for s in states}) > 1  # else no mask, so the attention can use flash kernels
+    return txt, mask if padded else None
+
+
 class Trainer:
     """One run: `Trainer(config, resume).run()`, or `.step(k)` one optimisation step at a time (benchmarks).
 
-    A budgeted run (train.budget) plans its steps as it goes and writes the plan into its own copy of the config
-    (train.steps, each stage's until_step); `clock` is what it measures time with (tests inject one)."""
+    Around the state and its step function it keeps the run's course: logging, sample grids, metrics, checkpoints
+    (it alone decides what a checkpoint holds besides the tensors), stop signals and the budget. A budgeted run
+    (train.budget) plans its steps as it goes and writes the plan into its own copy of the config (train.steps,
+    each stage's until_step); `clock` is what it measures time with (tests inject one)."""
 
     def __init__(self, config: Config, resume: str | None = None, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self.started = clock()
-        tc = config.train
-        if tc.budget or tc.budget_money:
+        if config.train.budget or config.train.budget_money:
             config = copy.deepcopy(config)
-            tc = config.train
+        config = resolve_init(config)  # a released pipeline to start from names the model, text and latent space
         self.config = config
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
-        self.world, self.device = init_world(tc.device, config.parallel.backend, config.parallel.timeout_minutes)
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        self.world, self.device = init_world(config.train.device, config.parallel.backend,
+                                             config.parallel.timeout_minutes)
         for stage in config.stage_plan():
             if stage.batch_size % self.world.size:
                 raise ConfigError(f"batch size {stage.batch_size} does not split over {self.world.size} processes")
         self.run_dir = Path(config.run_dir)
         checkpoint = choose_resume(self.run_dir, resume, self.world)
-        pipeline = prepare(config, checkpoint, self.world).to(self.device)
+        saved = load_state(checkpoint) if checkpoint else {}  # read once, by every rank
         self.spent_before = 0.0
-        self.plan = self.budget_plan(load_state(checkpoint).get("budget") if checkpoint else None)
-        self.source = build_source(config, self.world, pipeline.text_tower, pin_memory=self.device.type == "cuda")
-        self.bf16 = uses_bf16(self.device, tc.precision)
-        text = pipeline.text_tower
-        self.aux = AuxiliaryLosses(config, config.model.width, self.device)
-        trained = {
-            "denoiser": pipeline.denoiser,
-            **({"text_encoder": text.encoder} if text.trainable else {}),
-            **self.aux.trainable(),
-        }
-        # The EMA weights live in a copy of the trained modules, sharded like them: generation runs on every rank
-        # with one block gathered at a time, and no rank ever holds the whole EMA.
-        ema_text = copy.deepcopy(text) if text.trainable else text
-        ema_trained = {name: ema_text.encoder if name == "text_encoder" else copy.deepcopy(module)
-                       for name, module in trained.items()}
-        for module in ema_trained.values():
-            module.requires_grad_(False)
-        sharded = resolve_strategy(config.parallel, self.world) == "fsdp"
-        mesh = device_mesh(config.parallel, self.world, self.device) if sharded else None
-        try:
-            self.strategy = parallelize(
-                pipeline.denoiser,
-                [m for n, m in trained.items() if n != "denoiser"],
-                config.parallel,
-                self.world,
-                self.device,
-                self.bf16,
-                mesh,
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        shard_copy(ema_trained["denoiser"], [m for n, m in ema_trained.items() if n != "denoiser"], config.parallel,
-                   self.world, mesh, self.bf16)
-        self.pipeline = pipeline
-        self.ema_pipeline = dataclasses.replace(pipeline, denoiser=ema_trained["denoiser"], text_tower=ema_text).eval()
-        self.model, self.ema_model = nn.ModuleDict(trained), nn.ModuleDict(ema_trained)
-        self.params = dict(self.model.named_parameters())  # by "<owner>.<name>": the keys of checkpoints
-        # Newton-Schulz in the compute precision: bf16 where it is fast, fp32 where bf16 products are slow (CPUs
-        # without AMX, where bf16 Newton-Schulz was most of the step, or far more without AVX-512)
-        self.optimizer = build_optimizer(self.params, config.optim, torch.bfloat16 if self.bf16 else torch.float32)
-        self.ema = EMA(self.params, dict(self.ema_model.named_parameters()), config.ema)
-        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.nonfinite_in_row = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.checkpointer = Checkpointer(self.run_dir, self.model, self.ema_model, self.optimizer, self.world,
-                                         tc.keep_checkpoints, async_save=tc.async_checkpoint)
+        self.plan = self.budget_plan(saved.get("budget"))
+        pipeline = start_pipeline(config, checkpoint, self.world).to(self.device)
+        self.state = build_state(config, self.world, self.device, pipeline)
+        self.checkpointer = Checkpointer(self.run_dir, self.state.trained, self.state.ema_trained,
+                                         self.state.optimizer, self.world, config.train.keep_checkpoints,
+                                         async_save=config.train.async_checkpoint)
         self.start = 0
         if checkpoint is not None:
-            state = self.checkpointer.load(checkpoint, self.counters())
-            self.start = state["step"]
-            self.source.load_state_dict(state.get("data", {}))
+            self.restore(checkpoint, saved)
         self.event_seconds: dict[str, float] = dict(self.plan.event_seconds) if self.plan else {}
         self.timing: tuple[float, int, float, int] | None = None  # clock, steps, event seconds, stage at its start
         self.events_total = 0.0
-        self.lr = 0.0
         self.stop_requested = False
         self.metric_networks = None
-        self.encode_text = text
-        self.empty_prompt: torch.Tensor | None = None
-        if config.text.cache_dir and not text.trainable:
-            self.encode_text = TextCache(config.text.cache_dir, text, writer=str(self.world.rank))
-
-    def counters(self) -> dict[str, torch.Tensor]:
-        """The run's device-side counters, saved with each checkpoint and filled in place on resume."""
-        return {"ema_updates": self.ema.updates, "nonfinite_steps": self.nonfinite_total}
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
-        """One optimisation step on this rank's part of global batch `step`; returns its figures as device tensors
-        (loss, each loss term, grad norm). Nothing here waits for the device."""
-        config, tc, device = self.config, self.config.train, self.device
-        denoiser, flow = self.pipeline.denoiser, self.pipeline.flow
-        self.lr = set_lr(self.optimizer, step, config.optim, tc.steps)
-        stage, stage_start = config.stage_at(step)
-        batch = self.source.batch(step, stage, stage_start)
-        has_rows = len(batch.captions) > 0
-        if not has_rows:  # every sample was bad: a stand-in row keeps this rank in the collectives, weighted 0
-            batch = LocalBatch(torch.zeros(1, 3, stage.resolution, stage.resolution, dtype=torch.uint8), [""])
-        first = self.world.rank * (stage.batch_size // self.world.size)
-        rows = [first + row for row in (batch.rows or range(len(batch.captions)))]  # rows in the global batch
-        generators = [torch.Generator(device).manual_seed(sample_seed(tc.seed, step, row)) for row in rows]
-        # drawn on the host (which captions to tokenise is decided there), from the sample's own stream
-        dropped = [random.Random(sample_seed(tc.seed, step, row, DROPOUT)).random() < config.flow.caption_dropout
-                   for row in rows]
-        x0 = batch.images_on(device)
-        t = torch.cat([flow.sample_t(1, g) for g in generators])
-        eps = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in generators])
-        plan = None
-        if stage.routes(config.tread):  # drawn last: the other draws stay
-            p = config.model.patch_size
-            tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
-            plan = denoiser.plan_routing(config.tread, tokens, generators, device)
-        x_t = flow.add_noise(x0, eps, t)
-        with compute_context(device, tc.precision):
-            txt, mask = self.text_states(batch, dropped)
-            repa_block = self.aux.repa_block(stage, step)
-            pred = denoiser(x_t, t, txt, mask, routing=plan, hidden_at=repa_block)
-            pred, hidden = pred if repa_block is not None else (pred, None)
-            terms = self.aux(flow.to_x0(pred.float(), x_t, t), x0, t, plan, stage, step, config.model.patch_size,
-                             hidden)
-        flow_loss = flow.loss(pred.float(), x0, eps, x_t, t)
-        loss = flow_loss + sum(terms.values())
-        if not has_rows:
-            loss = loss * 0.0
-        self.optimizer.zero_grad(set_to_none=True)
-        with attention_context(device):
-            loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), config.optim.grad_clip)
-        if isinstance(grad_norm, DTensor):  # already reduced over ranks: every rank decides the same way
-            grad_norm = grad_norm.full_tensor()
-        finite = torch.isfinite(grad_norm)
-        apply = finite & self.world.all_true(torch.full((), has_rows, device=device))
-        self.optimizer.step(apply=apply)
-        self.ema.update(step, apply)
-        self.nonfinite_total += (~finite).long()
-        self.nonfinite_in_row = (self.nonfinite_in_row + 1) * (~finite).long()
-        return {
-            "loss": loss.detach(),
-            "flow_loss": flow_loss.detach(),
-            **{k: v.detach() for k, v in terms.items()},
-            "grad_norm": grad_norm.detach(),
-        }
+        return train_step(self.state, step)
 
     def check_health(self, step: int) -> None:
         """Read on logging steps (a host sync): too many non-finite steps in a row end the run."""
-        in_row = int(self.nonfinite_in_row)
+        in_row = int(self.state.nonfinite_in_row)
         if in_row >= self.config.train.max_nonfinite_in_row:
             raise TrainingError(
                 f"the loss was non-finite {in_row} steps in a row (last: step {step + 1}); lower optim.lr or "
                 "raise optim.warmup_steps, then --resume"
             )
 
-    def text_states(self, batch: LocalBatch, dropped: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Encoded captions; a dropped caption becomes the encoded empty prompt. Embeddings precomputed by
-        `pixrun data prepare` are used as they are (they came from the same frozen encoder)."""
-        if batch.embeddings is None or self.pipeline.text_tower.trainable:
-            return self.encode_text(["" if drop else caption for caption, drop in zip(batch.captions, dropped)])
-        if self.empty_prompt is None:  # encoded once: the tower is frozen
-            states, mask = self.encode_text([""])
-            self.empty_prompt = states[0][mask[0]]
-        empty = self.empty_prompt
-        states = [empty if drop else e.to(self.device, empty.dtype) for e, drop in zip(batch.embeddings, dropped)]
-        txt, mask = pad_states(states)
-        padded = len({len(s) for s in states}) > 1  # else no mask, so the attention can use flash kernels
-        return txt, mask if padded else None
-
     def run(self) -> Path:
         tc, world = self.config.train, self.world
         if world.is_main:
-            denoiser, text_tower = self.pipeline.denoiser, self.pipeline.text_tower
-            print(
-                f"pixrun: {self.run_dir} | denoiser {count_parameters(denoiser) / 1e6:.2f} M params, text tower "
-                f"{count_parameters(text_tower.encoder) / 1e6:.2f} M ({'trained' if text_tower.trainable else 'frozen'})"
-                f" | {self.device} x {world.size} ({self.strategy}) | steps {self.start}->{tc.steps}: "
-                + ", then ".join(
-                    f"{s.resolution} px at batch {s.batch_size} to step {s.until_step}"
-                    for s in self.config.stage_plan()
-                )
-            )
-        logger = RunLogger(self.run_dir, tc.steps, self.start) if world.is_main else None
+            self.announce()
+        logger = RunLogger(self.run_dir, tc.steps, self.start, self.config.log) if world.is_main else None
         last_grid = None
         stop_vote = StopVote(world)
-        self.pipeline.denoiser.train()
-        self.pipeline.text_tower.train(self.pipeline.text_tower.trainable)
+        self.state.pipeline.denoiser.train()
+        self.state.pipeline.text_tower.train(self.state.pipeline.text_tower.trainable)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             if self.start == 0:  # the untrained model, to compare the run's end with
@@ -325,25 +370,39 @@ class Trainer:
             if logger is not None:
                 logger.close()
         if world.is_main:
-            if last_grid is None:
-                grids = sorted((self.run_dir / "samples").glob("step_*.png"))
-                last_grid = grids[-1] if grids else None
-            if self.plan is not None:
-                print(f"pixrun: budget {format_duration(self.plan.seconds)}, used {format_duration(self.elapsed())} "
-                      f"({self.elapsed() / self.plan.seconds:.1%}) for {tc.steps} steps")
-            print(f"pixrun: done. Run folder: {self.run_dir}")
-            if last_grid is not None:
-                print(f"pixrun: samples: {last_grid}")
+            self.report(last_grid)
         return self.run_dir
+
+    def announce(self) -> None:
+        tc, denoiser, text_tower = self.config.train, self.state.pipeline.denoiser, self.state.pipeline.text_tower
+        print(
+            f"pixrun: {self.run_dir} | denoiser {count_parameters(denoiser) / 1e6:.2f} M params, text tower "
+            f"{count_parameters(text_tower.encoder) / 1e6:.2f} M ({'trained' if text_tower.trainable else 'frozen'})"
+            f" | {self.device} x {self.world.size} ({self.state.strategy}) | steps {self.start}->{tc.steps}: "
+            + ", then ".join(
+                f"{s.resolution} px at batch {s.batch_size} to step {s.until_step}" for s in self.config.stage_plan()
+            )
+        )
+
+    def report(self, last_grid: Path | None) -> None:
+        if last_grid is None:
+            grids = sorted((self.run_dir / "samples").glob("step_*.png"))
+            last_grid = grids[-1] if grids else None
+        if self.plan is not None:
+            print(f"pixrun: budget {format_duration(self.plan.seconds)}, used {format_duration(self.elapsed())} "
+                  f"({self.elapsed() / self.plan.seconds:.1%}) for {self.config.train.steps} steps")
+        print(f"pixrun: done. Run folder: {self.run_dir}")
+        if last_grid is not None:
+            print(f"pixrun: samples: {last_grid}")
 
     def log_values(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
         """The step's figures averaged over ranks, with the counters: one collective and one read of the device."""
         names = list(metrics)
         means = self.world.mean(torch.stack([metrics[name].float() for name in names])).tolist()
         values = dict(zip(names, means))
-        values["lr"] = self.lr
-        values["nonfinite_steps"] = int(self.nonfinite_total)
-        values["data_skipped"] = self.source.skipped
+        values["lr"] = self.state.lr
+        values["nonfinite_steps"] = int(self.state.nonfinite_total)
+        values["data_skipped"] = self.state.source.skipped
         return values
 
     def sample(self, step: int, logger: RunLogger | None) -> Path | None:
@@ -352,7 +411,7 @@ class Trainer:
         resolution = self.config.stage_at(step - 1)[0].resolution
         with self.timed("sample"):
             held_out = self.held_out(step, len(self.config.sample.grid_prompts))
-            written = sample_grid(self.ema_pipeline, path, self.world, resolution, held_out or None)
+            written = sample_grid(self.state.ema_pipeline, path, self.world, resolution, held_out or None)
         if written is not None and logger is not None:
             logger.image("samples/ema", written, step)
         return written
@@ -367,7 +426,7 @@ class Trainer:
         return read_held_out(stage.shards or d.shards, stage.resolution, count, d.shard_url)
 
     def measure(self, step: int, logger: RunLogger | None) -> None:
-        """FID/KID/CMMD/DINO-MMD of EMA samples and the MSE of x0 by t, on a held-out sample (the shapes world's,
+        """The configured metrics of EMA samples (FID/KID/CMMD/DINO-MMD; CLIPScore/PickScore against their captions) and the MSE of x0 by t, on a held-out sample (the shapes world's,
         or the prepared shards' held-out samples and their captions), at the stage's resolution; the images are
         generated and denoised in parts by every rank, scored on rank 0."""
         config = self.config.metrics
@@ -383,25 +442,26 @@ class Trainer:
                 self.metric_networks = load_networks(config, self.device)
             if held_out is None:
                 shapes_world = build_world(self.config)
-                scores = shapes_quality_metrics(self.ema_pipeline, shapes_world, config, self.metric_networks,
+                scores = shapes_quality_metrics(self.state.ema_pipeline, shapes_world, config, self.metric_networks,
                                                 self.world, resolution)
                 shapes = shapes_reference(shapes_world, resolution, config.num_images, config.seed)
                 images, captions = shapes.load(), shapes.captions
             else:
                 images, captions = held_out.floats(), held_out.captions
-                generated = generate_images(self.ema_pipeline, captions, config.seed, config.batch_size, self.world,
+                generated = generate_images(self.state.ema_pipeline, captions, config.seed, config.batch_size, self.world,
                                             resolution)
                 scores = {} if generated is None else quality_metrics(generated, images, config,
-                                                                      self.metric_networks)
-            errors = mse_by_t(self.ema_pipeline, images, captions, seed=config.seed, world=self.world)
+                                                                      self.metric_networks, captions)
+            errors = mse_by_t(self.state.ema_pipeline, images, captions, seed=config.seed, world=self.world)
         if logger is not None:
             logger.record("quality", {**scores, **errors}, step)
 
     def save(self, step: int) -> Path:
-        if isinstance(self.encode_text, TextCache):
-            self.encode_text.flush()
-        state = {
-            "data": self.source.state_dict(),
+        """Checkpoint `step`: the state's tensors (Checkpointer), and beside them what `restore` reads back."""
+        if isinstance(self.state.encode_text, TextCache):
+            self.state.encode_text.flush()
+        saved = {
+            "data": self.state.source.state_dict(),
             "world_size": self.world.size,
             "config": dataclasses.asdict(self.config),
             "saved_at": time.time(),
@@ -410,8 +470,15 @@ class Trainer:
             if self.plan is not None:
                 self.plan.spent = self.elapsed() + self.event_seconds.get("checkpoint", 0.0)  # with this save's
                 self.plan.event_seconds = dict(self.event_seconds)
-                state["budget"] = self.plan.state_dict()
-            return self.checkpointer.save(step, self.counters(), state)
+                saved["budget"] = self.plan.state_dict()
+            return self.checkpointer.save(step, self.state.counters(), saved)
+
+    def restore(self, checkpoint: Path, saved: dict) -> None:
+        """The state as `save` left it at `checkpoint` (its state.json already read as `saved`); the budget plan
+        was taken from it before the state was built."""
+        self.checkpointer.load(checkpoint, self.state.counters())
+        self.start = saved["step"]
+        self.state.source.load_state_dict(saved.get("data", {}))
 
     def budget_plan(self, saved: dict | None) -> BudgetPlan | None:
         """The run's budget plan: the one in the checkpoint resumed from (with the time it had used), or a new one
@@ -502,9 +569,11 @@ class Trainer:
         self.stop_requested = True
 
 
-def build_source(config: Config, world: World, text_tower: TextTower | None = None, pin_memory: bool = False):
+def build_source(config: Config, world: World, text_tower: TextTower | None = None, pin_memory: bool = False,
+                 autoencoder: Autoencoder | None = None):
     """The run's data source. With shards, a frozen `text_tower` is checked against the one that made the
-    embeddings they carry; `pin_memory` for a CUDA device."""
+    embeddings they carry, and in latent space the `autoencoder` against the one that made their latents (which
+    they must carry); `pin_memory` for a CUDA device."""
     d = config.data
     if d.source == "shapes":
         return ShapesSource(build_world(config), config.train.seed, world.rank, world.size, pin_memory=pin_memory)
@@ -513,6 +582,7 @@ def build_source(config: Config, world: World, text_tower: TextTower | None = No
         d.shards, config.train.seed, world.rank, world.size, d.num_workers, d.shuffle_shards, d.shard_url,
         stages=config.stage_plan(), partitions=d.partitions, pin_memory=pin_memory,
         text_encoder=text_tower.identity() if frozen else None,
+        autoencoder=autoencoder.identity() if autoencoder is not None else None,
     )
 
 

@@ -15,19 +15,20 @@ small text encoder's tokenizer; both are chosen by a hash of each input's name, 
 input and do not depend on how the work is split. OUT receives:
 
     shards/WxH/NNNNNN.tar   one shard per input chunk and bucket: KEY.jpg, KEY.txt (caption), KEY.json
-                            ({"source", "original_size"}), KEY.emb.npy (float16 text embedding, when asked for);
+                            ({"source", "original_size"}), KEY.emb.npy (float16 text embedding, when asked for),
+                            KEY.lat.npy (float16 latents of the stored image, with option vae=ID);
                             KEY = "WxH_NNNNNN_PLACE", PLACE being the sample's place in the shard
     heldout/WxH/NNNNNN.tar  the held-out samples, in shards of the same form (KEY = "heldout_WxH_NNNNNN_PLACE")
     captions.txt            up to `captions` training captions, one a line (whitespace collapsed)
     index.json              the training shards ("shards") with their bucket and sample count, the held-out ones
                             ("heldout"), captions.txt, and the identity of the text encoder that made the
-                            embeddings: what the loader reads
+                            embeddings and of the autoencoder that made the latents: what the loader reads
     report.json             kept and dropped, why, per bucket; every dropped item with its reason
     state/                  options.json and one record per finished chunk: a re-run skips finished chunks
 
 Chunks are processed in parallel (worker processes decode, check, resize and encode) and written in chunk
-order by the main process, which also removes duplicates and computes embeddings, so the output does not
-depend on the number of processes.
+order by the main process, which also removes duplicates and computes embeddings and latents, so the output
+does not depend on the number of processes.
 """
 
 import hashlib
@@ -46,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 from PIL import Image, ImageOps
 from webdataset import TarWriter
 
@@ -58,6 +60,8 @@ from pixrun.data.stream import (
     read_tar_samples,
     split_member_name,
 )
+from pixrun.latent import Autoencoder, LatentConfig
+from pixrun.runtime import resolve_device
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 IMAGE_COLUMNS = ("image", "jpg", "img", "png", "image_bytes")
@@ -85,8 +89,18 @@ class PrepareOptions:
     heldout: int = 256  # samples held out of training (sample grids, metrics): at most this many,
     heldout_share: float = 0.01  # and at most this share of the inputs, so a small folder trains on nearly all
     captions: int = 100_000  # training captions written to captions.txt (a sample when there are more)
+    vae: str = ""  # a diffusers autoencoder (hub id or folder): store each image's latents; "" = none
+    vae_subfolder: str = ""  # e.g. "vae" when `vae` names a pipeline folder or hub repo
+    vae_dtype: str = "float32"  # the autoencoder's weights while encoding: train with the same latent.dtype
+    vae_batch_size: int = 16  # images per call of the autoencoder
+
+    def latent_config(self) -> LatentConfig:
+        return LatentConfig(vae=self.vae, subfolder=self.vae_subfolder, dtype=self.vae_dtype)
 
     def validate(self) -> None:
+        self.latent_config().validate()
+        if self.vae_batch_size < 1:
+            raise ValueError("prepare option vae_batch_size must be at least 1")
         if self.heldout < 0 or self.captions < 0:
             raise ValueError("prepare options heldout and captions must be >= 0")
         if not 0 <= self.heldout_share <= 1:
@@ -363,18 +377,34 @@ def npy_bytes(array) -> bytes:
     return buffer.getvalue()
 
 
+def stored_latents(autoencoder: Autoencoder, kept: list[Outcome], batch_size: int) -> list[np.ndarray]:
+    """Each sample's latents, float16, from its stored JPEG as training reads it (decoded, x / 127.5 - 1): the
+    latents training would compute from the same sample. A shard's images share a bucket, so they batch."""
+    latents = []
+    for start in range(0, len(kept), batch_size):
+        pixels = []
+        for outcome in kept[start:start + batch_size]:
+            with Image.open(io.BytesIO(outcome.jpeg)) as image:
+                pixels.append(np.array(image.convert("RGB")))
+        images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents += list(autoencoder.encode(images).to(torch.float16).cpu().numpy())
+    return latents
+
+
 def write_shard(
     relative: str,
     out: Path,
     prefix: str,
     kept: list[Outcome],
     embed: Callable[[list[str]], list] | None,
-    embed_batch_size: int,
+    options: PrepareOptions,
+    autoencoder: Autoencoder | None,
 ) -> None:
     embeddings = []
     if embed is not None:
-        for start in range(0, len(kept), embed_batch_size):
-            embeddings += embed([o.caption for o in kept[start:start + embed_batch_size]])
+        for start in range(0, len(kept), options.embed_batch_size):
+            embeddings += embed([o.caption for o in kept[start:start + options.embed_batch_size]])
+    latents = stored_latents(autoencoder, kept, options.vae_batch_size) if autoencoder is not None else []
     path = out / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -388,6 +418,8 @@ def write_shard(
             }
             if embed is not None:
                 sample["emb.npy"] = npy_bytes(embeddings[place])
+            if autoencoder is not None:
+                sample["lat.npy"] = npy_bytes(latents[place])
             writer.write(sample)
     os.replace(temporary, path)
 
@@ -400,6 +432,7 @@ def finish_chunk(
     options: PrepareOptions,
     embed: Callable[[list[str]], list] | None,
     chosen: tuple[set[str], set[str]],
+    autoencoder: Autoencoder | None = None,
 ) -> dict:
     """Remove duplicates, write the chunk's shards (one per bucket, training and held-out apart) and return its
     record. `chosen`: the items to hold out and those whose captions to record (choose_items)."""
@@ -419,7 +452,7 @@ def finish_chunk(
     for (held_out, bucket), kept in sorted(kept_by_bucket.items()):
         folder, prefix = ("heldout", "heldout_") if held_out else ("shards", "")
         relative = f"{folder}/{bucket}/{task.number:06d}.tar"
-        write_shard(relative, out, f"{prefix}{bucket}_{task.number:06d}", kept, embed, options.embed_batch_size)
+        write_shard(relative, out, f"{prefix}{bucket}_{task.number:06d}", kept, embed, options, autoencoder)
         record["heldout" if held_out else "shards"].append({"path": relative, "bucket": bucket, "count": len(kept)})
         if not held_out:
             record["captions"] += [" ".join(o.caption.split()) for o in kept if o.item in caption_items]
@@ -457,7 +490,8 @@ def prepare_dataset(
 
     embed, when given, maps a list of captions to one float16 array (tokens, dim) each, stored with the sample;
     text_encoder, required with it, is the identity of the encoder behind it (TextTower.identity()), recorded in
-    the index so that training with another encoder is refused.
+    the index so that training with another encoder is refused. With options.vae, each stored image's latents are
+    stored too, and the autoencoder's identity (Autoencoder.identity()) recorded likewise.
     """
     src, out, options = Path(src), Path(out), options or PrepareOptions()
     options.validate()
@@ -468,11 +502,18 @@ def prepare_dataset(
     tasks = list_tasks(src, out, options)
     if not tasks:
         raise EmptyDatasetError(f"{src} holds no images, tar shards or Parquet files")
+    autoencoder, latent_record = None, {}
+    if options.vae:
+        autoencoder = Autoencoder.from_config(options.latent_config()).to(resolve_device("auto"))
+        if options.patch_size % autoencoder.factor:
+            raise ValueError(f"prepare option patch_size ({options.patch_size}) must be a multiple of the autoencoder's "
+                             f"factor ({autoencoder.factor}): in latent space it is factor x the denoiser's patch size")
+        latent_record = {"autoencoder": autoencoder.identity()}
     state_dir = out / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
     listing = hashlib.sha256(json.dumps([asdict(t) for t in tasks]).encode()).hexdigest()
     settings = {"source": str(src.resolve()), "listing": listing, "options": asdict(options),
-                "embeddings": embed is not None, "text_encoder": text_encoder}
+                "embeddings": embed is not None, "text_encoder": text_encoder, **latent_record}
     settings_path = state_dir / "options.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{out} was prepared from other inputs or options; prepare into a new folder")
@@ -491,7 +532,7 @@ def prepare_dataset(
     with multiprocessing.get_context("spawn").Pool(processes) if processes > 1 else nullcontext() as pool:
         results = pool.imap(work, pending) if processes > 1 else map(work, pending)
         for task, outcomes in zip(pending, results):
-            record = finish_chunk(task, outcomes, out, seen_hashes, options, embed, chosen)
+            record = finish_chunk(task, outcomes, out, seen_hashes, options, embed, chosen, autoencoder)
             write_atomically(state_dir / f"chunk_{task.number:06d}.json", json.dumps(record))
             records[task.number] = record
 
@@ -503,7 +544,7 @@ def prepare_dataset(
         "format": INDEX_FORMAT, "resolution": options.resolution, "patch_size": options.patch_size,
         "embeddings": embed is not None, "text_encoder": text_encoder, "samples": sum(s["count"] for s in shards),
         "shards": shards, "heldout": [shard for record in ordered for shard in record["heldout"]],
-        "captions": CAPTIONS_NAME,
+        "captions": CAPTIONS_NAME, **latent_record,
     }
     write_atomically(out / INDEX_NAME, json.dumps(index, indent=1))
     report = build_report(ordered)

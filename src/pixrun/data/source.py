@@ -4,6 +4,8 @@ Two sources behind one interface, both a function of the step: the built-in shap
 prepared WebDataset shards (pixrun.data.stream: the step gives the position; the skipped counts and the plan's
 fingerprint are saved with each checkpoint, and a resumed run continues the same sample order on any world size
 that divides data.partitions). Images leave both as uint8; `LocalBatch.images_on` makes them floats on the device.
+Shards prepared with an autoencoder also give each sample's latents, when the source is given that autoencoder's
+identity (`LocalBatch.latents_on`).
 
 A prepared folder also gives what training uses besides its batches: `read_captions`, the caption sample the small
 text encoder's tokenizer is learnt from, and `read_held_out`, the samples kept out of training, with their images
@@ -44,6 +46,11 @@ class LocalBatch:
     captions: list[str]
     embeddings: list[torch.Tensor] | None = None  # precomputed text embeddings, (tokens, dim) each
     rows: list[int] | None = None  # each sample's row in the rank's share (bad ones leave gaps); None: 0, 1, ...
+    latents: list[torch.Tensor] | None = None  # prepared latents, float16 (C, H / factor, W / factor) each
+
+    def latents_on(self, device: torch.device | str) -> torch.Tensor:
+        """The prepared latents as one (b, C, h, w) float32 tensor on `device` (a bucket's are all one shape)."""
+        return torch.stack(self.latents).to(device, non_blocking=True).float()
 
     def images_on(self, device: torch.device | str) -> torch.Tensor:
         """The images on `device` as float32 in [-1, 1] (x / 127.5 - 1): copied as uint8, a quarter of the bytes,
@@ -77,8 +84,9 @@ class ShardSource:
 
     `stages` are the run's (Config.stage_plan()): each stage's stream is planned when the source is made, so a plan
     that cannot work (data.partitions against the world size or a stage's batch, embeddings made by another text
-    encoder than `text_encoder`, TextTower.identity() or None when precomputed embeddings are not used) stops the
-    run with a ConfigError before its first step. A stage's stream is seeded by seed + the step the stage starts at
+    encoder than `text_encoder`, TextTower.identity() or None when precomputed embeddings are not used; latents
+    missing or made by another autoencoder than `autoencoder`, Autoencoder.identity() or None when prepared latents
+    are not used) stops the run with a ConfigError before its first step. A stage's stream is seeded by seed + the step the stage starts at
     (made anew when a budget's plan moves that step).
     """
 
@@ -96,11 +104,12 @@ class ShardSource:
         partitions: int = 64,
         pin_memory: bool = False,
         text_encoder: dict | None = None,
+        autoencoder: dict | None = None,
     ):
         self.default_index, self.seed = default_index, seed
         self.options = {"rank": rank, "world_size": world_size, "num_workers": num_workers,
                         "shuffle_shards": shuffle_shards, "partitions": partitions, "shard_url": shard_url,
-                        "pin_memory": pin_memory, "text_encoder": text_encoder}
+                        "pin_memory": pin_memory, "text_encoder": text_encoder, "autoencoder": autoencoder}
         self.streams: dict[int, ShardStream] = {}  # stage start -> its stream
         start = 0
         for stage in stages:
@@ -120,7 +129,7 @@ class ShardSource:
             self.stage_start, self.batches = stage_start, self.streams[stage_start].batches(position)
         self.next_position = position + 1
         batch = next(self.batches)
-        return LocalBatch(batch.images, batch.captions, batch.embeddings, rows=batch.rows)
+        return LocalBatch(batch.images, batch.captions, batch.embeddings, rows=batch.rows, latents=batch.latents)
 
     def stream(self, stage, start: int) -> ShardStream:
         try:
@@ -205,7 +214,7 @@ def held_out_samples(data: dict, where: Callable[[str], str]) -> Iterator[tuple[
                 if decoded is None:
                     log.warning("skipped held-out %s %s: %s", url, sample.key, reason)
                     continue
-                pixels, caption, _ = decoded
+                pixels, caption, _, _ = decoded
                 yield sample.key, pixels, caption
 
 

@@ -5,6 +5,7 @@
         batch.images                # (b, 3, H, W) uint8: this rank's rows of the global batch, one bucket
         batch.captions              # list of b strings
         batch.embeddings            # list of b float16 tensors (tokens, dim), or None when not prepared
+        batch.latents               # list of b float16 tensors (C, H / factor, W / factor), when asked for
 
 The plan, MosaicML Streaming's "canonical nodes": the index's shards are dealt, once and for all, into K
 canonical partitions (`partitions`), bucket by bucket, so that every partition holds about as many samples of each
@@ -31,6 +32,12 @@ does not depend on num_workers. A rank holds about K/N × buckets × shuffle_sha
 Precomputed text embeddings: the index records the identity of the encoder that made them
 (TextTower.identity()); a stream given the identity of the encoder training uses refuses another's. Everything
 but the naming is compared (ENCODER_NAMING), so a local copy of a hub checkpoint matches its hub id.
+
+Precomputed latents (`pixrun data prepare ... vae=ID`): the index records the autoencoder that made them
+(Autoencoder.identity()). A stream given the identity of training's autoencoder carries each sample's latents and
+refuses an index without latents or with another autoencoder's (all but its naming compared, AUTOENCODER_NAMING);
+a sample whose latents are missing or not of its bucket's shape (C, H / factor, W / factor) is skipped. Without
+one, latents in the shards are not read.
 
 Resuming: the state to save is what the step cannot give, the skipped counts, plus a fingerprint of the plan
 (seed, global batch, partitions, shuffle_shards, samples); loading a state of another plan is refused, a state
@@ -68,7 +75,9 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "pixrun-shards-1"
 # How the text encoder was named (a hub id or a local path; "auto" or a class name): not compared, the weights'
 # fingerprint and the resolved class are.
-ENCODER_NAMING = ("encoder", "encoder_class")
+ENCODER_NAMING = ("encoder", "encoder_class", "subfolder", "tokenizer_subfolder")
+# How the autoencoder was named (a hub id or a local path, a subfolder): not compared.
+AUTOENCODER_NAMING = ("vae", "subfolder")
 
 
 class EmptyDatasetError(ValueError):
@@ -77,7 +86,7 @@ class EmptyDatasetError(ValueError):
 
 class PlanError(ValueError):
     """The stream cannot be planned as asked (partitions against world size or batch, another text encoder's
-    embeddings, a saved position of another plan)."""
+    embeddings, latents missing or made by another autoencoder, a saved position of another plan)."""
 
 
 # Reading tar shards, shared with prepare (which reads img2dataset shards the same way).
@@ -86,7 +95,7 @@ class PlanError(ValueError):
 @dataclass
 class TarSample:
     key: str
-    members: dict[str, bytes]  # extension ("jpg", "txt", "emb.npy") -> bytes
+    members: dict[str, bytes]  # extension ("jpg", "txt", "emb.npy", "lat.npy") -> bytes
 
 
 @dataclass
@@ -198,6 +207,7 @@ class ShardIndex:
     shards: list[Shard]
     embeddings: bool
     text_encoder: dict | None  # TextTower.identity() of the encoder that made the embeddings
+    autoencoder: dict | None = None  # Autoencoder.identity() of the one that made the latents; None: no latents
 
 
 @dataclass
@@ -208,6 +218,7 @@ class Batch:
     bucket: tuple[int, int]  # (width, height)
     skipped: dict[str, int]  # reason -> samples left out of this batch
     rows: list[int]  # each sample's row in the rank's share of the global batch (rows of skipped samples missing)
+    latents: list[torch.Tensor] | None = None  # float16 (C, H / factor, W / factor) each, when the stream asks
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -230,7 +241,16 @@ def load_index(index: str, shard_url: str | None = None) -> ShardIndex:
         )
         for entry in data["shards"]
     ]
-    return ShardIndex(location, shards, bool(data.get("embeddings")), data.get("text_encoder"))
+    return ShardIndex(location, shards, bool(data.get("embeddings")), data.get("text_encoder"), data.get("autoencoder"))
+
+
+def differing(recorded: dict, expected: dict, naming: tuple[str, ...]) -> tuple[str, str] | None:
+    """The fields (but the naming) in which two identities differ, as ("k=recorded, ...", "k=expected, ..."), or
+    None when they agree."""
+    keys = sorted(k for k in recorded.keys() | expected.keys() if k not in naming and recorded.get(k) != expected.get(k))
+    if not keys:
+        return None
+    return (", ".join(f"{k}={recorded.get(k)!r}" for k in keys), ", ".join(f"{k}={expected.get(k)!r}" for k in keys))
 
 
 def check_text_encoder(index: ShardIndex, expected: dict | None) -> None:
@@ -242,13 +262,27 @@ def check_text_encoder(index: ShardIndex, expected: dict | None) -> None:
     if recorded is None:
         raise PlanError(f"{index.location} holds text embeddings but does not record which encoder made them; "
                         "prepare it again with `pixrun data prepare --text-encoder`")
-    differing = sorted(k for k in recorded.keys() | expected.keys() if k not in ENCODER_NAMING
-                       and recorded.get(k) != expected.get(k))
-    if differing:
-        theirs = ", ".join(f"{k}={recorded.get(k)!r}" for k in differing)
-        ours = ", ".join(f"{k}={expected.get(k)!r}" for k in differing)
+    difference = differing(recorded, expected, ENCODER_NAMING)
+    if difference:
+        theirs, ours = difference
         raise PlanError(f"{index.location}: its text embeddings were made by {recorded.get('encoder')!r} ({theirs}), "
                         f"training uses {expected.get('encoder')!r} ({ours}); prepare the shards with this encoder")
+
+
+def check_autoencoder(index: ShardIndex, expected: dict | None) -> None:
+    """Refuse an index without latents, or with latents made by another autoencoder than `expected`
+    (Autoencoder.identity(); None: prepared latents are not used). All but the naming is compared."""
+    if expected is None:
+        return
+    recorded = index.autoencoder
+    if recorded is None:
+        raise PlanError(f"{index.location} holds no latents; prepare it with `pixrun data prepare ... "
+                        f"vae={expected.get('vae')}`")
+    difference = differing(recorded, expected, AUTOENCODER_NAMING)
+    if difference:
+        theirs, ours = difference
+        raise PlanError(f"{index.location}: its latents were made by {recorded.get('vae')!r} ({theirs}), training "
+                        f"uses {expected.get('vae')!r} ({ours}); prepare the shards with this autoencoder")
 
 
 def deal(shards: list[Shard], ids: list[int], bins: int) -> dict[int, int]:
@@ -318,8 +352,11 @@ class RankPieces(IterableDataset):
     rows that lie in its shards (`owner`: shard id -> worker). One piece per step, empty or not, so that the
     DataLoader's round-robin hands out one piece per worker per step."""
 
-    def __init__(self, plan: Plan, partitions: range, owner: dict[int, int], start: int):
+    def __init__(
+        self, plan: Plan, partitions: range, owner: dict[int, int], start: int, latents: tuple[int, int] | None = None
+    ):
         self.plan, self.partitions, self.owner, self.start = plan, partitions, owner, start
+        self.latents = latents  # (channels, factor) of the latents to carry; None: none
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -366,8 +403,12 @@ class RankPieces(IterableDataset):
         held: dict[int, dict[int, TarSample]],
     ) -> Batch:
         width, height = bucket
+        latent_shape = None
+        if self.latents is not None:
+            channels, factor = self.latents
+            latent_shape = (channels, height // factor, width // factor)
         shards = self.plan.shard_of(numbers)
-        rows, images, captions, embeddings, skipped = [], [], [], [], Counter()
+        rows, images, captions, embeddings, latents, skipped = [], [], [], [], [], Counter()
         for row in np.flatnonzero(np.isin(shards, mine)).tolist():
             shard = int(shards[row])
             if shard not in held:
@@ -381,23 +422,25 @@ class RankPieces(IterableDataset):
             if sample is None:
                 reason, decoded, where = "missing from shard", None, f"{url} sample {place}"
             else:
-                (reason, decoded), where = decode_sample(sample, bucket), f"{url} {sample.key}"
+                (reason, decoded), where = decode_sample(sample, bucket, latent_shape), f"{url} {sample.key}"
             if decoded is None:
                 skipped[reason] += 1
                 log.warning("skipped %s: %s", where, reason)
                 continue
-            pixels, caption, embedding = decoded
+            pixels, caption, embedding, latent = decoded
             rows.append(row)
             images.append(pixels)
             captions.append(caption)
             embeddings.append(embedding)
+            latents.append(latent)
         stacked = torch.empty(len(images), 3, height, width, dtype=torch.uint8)
         if get_worker_info() is not None:
             stacked.share_memory_()  # filled in place where the training process maps it: saves a copy per piece
         for row, pixels in enumerate(images):
             stacked[row].copy_(torch.from_numpy(pixels).permute(2, 0, 1))
         has_embeddings = all(e is not None for e in embeddings)
-        return Batch(stacked, captions, embeddings if has_embeddings else None, bucket, dict(skipped), rows)
+        return Batch(stacked, captions, embeddings if has_embeddings else None, bucket, dict(skipped), rows,
+                     latents if latent_shape is not None else None)
 
     def read_shard(self, shard: int, places: set[int]) -> dict[int, TarSample]:
         url = self.plan.shards[shard].url
@@ -431,7 +474,7 @@ def join_pieces(pieces: list[Batch], pin_memory: bool) -> Batch:
     rows = sorted(row for piece in pieces for row in piece.rows)
     position = {row: i for i, row in enumerate(rows)}
     images = torch.empty((len(rows), *pieces[0].images.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
-    captions, embeddings, skipped = [""] * len(rows), [None] * len(rows), Counter()
+    captions, embeddings, latents, skipped = [""] * len(rows), [None] * len(rows), [None] * len(rows), Counter()
     for piece in pieces:
         places = [position[row] for row in piece.rows]
         images.index_copy_(0, torch.tensor(places, dtype=torch.long), piece.images)
@@ -439,16 +482,20 @@ def join_pieces(pieces: list[Batch], pin_memory: bool) -> Batch:
             captions[place] = piece.captions[i]
             if piece.embeddings is not None:
                 embeddings[place] = piece.embeddings[i]
+            if piece.latents is not None:
+                latents[place] = piece.latents[i]
         skipped.update(piece.skipped)
     has_embeddings = all(piece.embeddings is not None for piece in pieces)
-    return Batch(images, captions, embeddings if has_embeddings else None, pieces[0].bucket, dict(skipped), rows)
+    has_latents = all(piece.latents is not None for piece in pieces)
+    return Batch(images, captions, embeddings if has_embeddings else None, pieces[0].bucket, dict(skipped), rows,
+                 latents if has_latents else None)
 
 
 def decode_sample(
-    sample: TarSample, size: tuple[int, int]
-) -> tuple[str, tuple[np.ndarray, str, torch.Tensor | None] | None]:
-    """(reason, None) for a sample that cannot be used, else ("", (pixels, caption, embedding)), pixels being
-    the (H, W, 3) uint8 RGB image."""
+    sample: TarSample, size: tuple[int, int], latent_shape: tuple[int, int, int] | None = None
+) -> tuple[str, tuple[np.ndarray, str, torch.Tensor | None, torch.Tensor | None] | None]:
+    """(reason, None) for a sample that cannot be used, else ("", (pixels, caption, embedding, latents)), pixels
+    being the (H, W, 3) uint8 RGB image. Latents are read only when `latent_shape` is given, and must have it."""
     members = sample.members
     if "txt" not in members:
         return "missing caption", None
@@ -471,14 +518,26 @@ def decode_sample(
             embedding = torch.from_numpy(np.load(io.BytesIO(members["emb.npy"]), allow_pickle=False))
         except (OSError, ValueError, EOFError):
             return "unreadable embedding", None
-    return "", (pixels, caption, embedding)
+    latent = None
+    if latent_shape is not None:
+        if "lat.npy" not in members:
+            return "missing latents", None
+        try:
+            latent = torch.from_numpy(np.load(io.BytesIO(members["lat.npy"]), allow_pickle=False))
+        except (OSError, ValueError, EOFError):
+            return "unreadable latents", None
+        if tuple(latent.shape) != latent_shape:
+            return "latent size differs from its bucket", None
+    return "", (pixels, caption, embedding, latent)
 
 
 class ShardStream:
     """Endless stream of one rank's rows of every global batch over prepared shards (see the module docstring).
 
     `text_encoder`: the identity (TextTower.identity()) of the frozen encoder training conditions on, checked
-    against the one the index records for its embeddings; None when the embeddings are not used."""
+    against the one the index records for its embeddings; None when the embeddings are not used.
+    `autoencoder`: the identity (Autoencoder.identity()) of the autoencoder training works in the latent space of;
+    the index must hold latents made by it, and batches carry them. None: latents are not read."""
 
     def __init__(
         self,
@@ -493,6 +552,7 @@ class ShardStream:
         shard_url: str | None = None,
         pin_memory: bool = False,
         text_encoder: dict | None = None,
+        autoencoder: dict | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -504,6 +564,8 @@ class ShardStream:
                             f"({partitions}): every partition gives each batch as many samples")
         self.index = load_index(str(index), shard_url)
         check_text_encoder(self.index, text_encoder)
+        check_autoencoder(self.index, autoencoder)
+        self.latents = (autoencoder["channels"], autoencoder["factor"]) if autoencoder is not None else None
         self.num_workers, self.pin_memory = num_workers, pin_memory
         shards = self.index.shards
         self.plan = Plan(shards, global_batch_size, partitions, seed, shuffle_shards)
@@ -537,7 +599,8 @@ class ShardStream:
         shards = [s for (p, b), ids in plan.members.items() if p in self.rank_partitions and plan.batches[b]
                   for s in ids]
         workers = min(self.num_workers, len(shards))
-        pieces = RankPieces(plan, self.rank_partitions, deal(plan.shards, shards, max(workers, 1)), start)
+        owner = deal(plan.shards, shards, max(workers, 1))
+        pieces = RankPieces(plan, self.rank_partitions, owner, start, self.latents)
         loader = iter(pieces if workers == 0 else DataLoader(pieces, batch_size=None, num_workers=workers))
         whole_epoch, good = start % len(self) == 0, 0
         for step in itertools.count(start):

@@ -26,6 +26,10 @@ class AuxiliaryLosses:
     def trainable(self) -> dict[str, nn.Module]:
         return {"repa_projector": self.projector} if self.projector is not None else {}
 
+    def compares_images(self, stage) -> bool:
+        """Whether a term on in `stage` looks at x̂₀ as an image (LPIPS, P-DINO): in latent space it is decoded."""
+        return (self.lpips is not None and stage.uses("lpips")) or (self.pdino is not None and stage.uses("pdino"))
+
     def repa_block(self, stage, step: int) -> int | None:
         """The denoiser block whose output REPA aligns at this step, or None when REPA is off."""
         if self.projector is None or not stage.uses("repa") or not self.config.repa.active(step):
@@ -34,7 +38,8 @@ class AuxiliaryLosses:
 
     def __call__(self, x0_hat, x0, t, plan, stage, step: int, patch: int,
                  hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Each active term, already weighted; `hidden`: the output of `repa_block(stage, step)`."""
+        """Each active term, already weighted; `hidden`: the output of `repa_block(stage, step)`; x0_hat and x0 are
+        images, `patch` the pixels per side of one denoiser token."""
         c, terms = self.config, {}
         if self.lpips is not None and stage.uses("lpips"):
             terms["lpips"] = c.lpips.weight * gated_mean(self.lpips(x0_hat, x0), t, c.lpips.max_t)

@@ -1,10 +1,15 @@
-"""A frozen DINOv2 as a feature extractor: images in [-1, 1] -> patch tokens (B, N, D) or the CLS embedding (B, D).
+"""A frozen DINOv2 or DINOv3 ViT as a feature extractor: images in [-1, 1] -> patch tokens (B, N, D) or the CLS
+embedding (B, D).
 
-Loaded through transformers from a hub id or a local directory; the class (`Dinov2Model` or
-`Dinov2WithRegistersModel`) follows the checkpoint's config. Images are resized to the size asked for, so the same
-network serves P-DINO (224 px, a 16x16 grid for patch 14) and REPA (grid x patch, the denoiser's own token grid).
+Loaded through transformers from a hub id or a local directory; the class (`Dinov2Model`,
+`Dinov2WithRegistersModel` or `DINOv3ViTModel`) follows the checkpoint's config (`model_type`), and the
+normalisation its image processor's mean and std (ImageNet's when the checkpoint has none). The tokens come as
+CLS, the registers (DINOv3: 4), then the patches. Images are resized to the size asked for, so the same network
+serves P-DINO (224 px: a 16x16 grid for patch 14, 14x14 for patch 16) and REPA (grid x patch, the denoiser's own
+token grid).
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,14 +20,20 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
+    DINOv3ViTModel,
     PretrainedConfig,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.utils import cached_file
 
-from pixrun.errors import WeightsMissingError
+from pixrun.errors import ConfigError, WeightsMissingError
 
 DINO_HUB_ID = "facebook/dinov2-with-registers-base"
-MODEL_CLASSES = {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
+MODEL_CLASSES = {
+    "dinov2": Dinov2Model,
+    "dinov2_with_registers": Dinov2WithRegistersModel,
+    "dinov3_vit": DINOv3ViTModel,
+}
 
 
 def tiny_random_config() -> Dinov2WithRegistersConfig:
@@ -38,7 +49,7 @@ def dino_config(source: str, random_init: bool, config_key: str, random_key: str
     path = Path(source).expanduser()
     if source.startswith(("/", ".", "~")) and not path.is_dir():
         raise WeightsMissingError(
-            f"no DINOv2 checkpoint directory at {path}: save one there (docs/losses.md) or set {config_key} to "
+            f"no DINO checkpoint directory at {path}: save one there (docs/losses.md) or set {config_key} to "
             f"a directory or hub id (or {random_key}=true for a meaningless CPU demo)"
         )
     try:
@@ -46,26 +57,40 @@ def dino_config(source: str, random_init: bool, config_key: str, random_key: str
     except OSError:  # not in the cache, no network
         raise not_loadable(source, config_key, random_key) from None
     if config.model_type not in MODEL_CLASSES:
-        raise ValueError(f"{config_key}={source!r} is a {config.model_type} model, not DINOv2")
+        raise ConfigError(f"{config_key}={source!r} is a {config.model_type} model, not a DINOv2 or DINOv3 ViT")
     return config
+
+
+def normalisation(source: str) -> tuple[list[float], list[float]]:
+    """The mean and std of the checkpoint's image processor (preprocessor_config.json), ImageNet's when it has
+    none."""
+    path = cached_file(
+        source,
+        "preprocessor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    processor = json.loads(Path(path).read_text()) if path else {}
+    return processor.get("image_mean", IMAGENET_DEFAULT_MEAN), processor.get("image_std", IMAGENET_DEFAULT_STD)
 
 
 def not_loadable(source: str, config_key: str, random_key: str) -> WeightsMissingError:
     return WeightsMissingError(
-        f"DINOv2 {source!r} could not be loaded (not in the Hugging Face cache, no network, or an incomplete "
+        f"DINO {source!r} could not be loaded (not in the Hugging Face cache, no network, or an incomplete "
         f"directory): run `hf download {source}` with network and copy the cache here, or save the model to a "
         f"directory and set {config_key}=/that/dir (or {random_key}=true for a meaningless CPU demo)"
     )
 
 
 class DinoFeatures(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
         super().__init__()
         self.model = model
-        self.patch_size = model.config.patch_size
+        patch = model.config.patch_size  # DINOv3's config may give (height, width)
+        self.patch_size = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
         self.prefix = 1 + getattr(model.config, "num_register_tokens", 0)  # CLS, then the registers
-        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
@@ -89,13 +114,13 @@ class DinoFeatures(nn.Module):
             model = MODEL_CLASSES[config.model_type].from_pretrained(source, config=config, dtype=torch.float32)
         except OSError:  # the weights missing, not in the cache, no network
             raise not_loadable(source, config_key, random_key) from None
-        return cls(model)
+        return cls(model, *normalisation(source))
 
     def train(self, mode: bool = True) -> "DinoFeatures":
         return super().train(False)  # frozen: a parent's .train() must not change it
 
     def encode(self, images: torch.Tensor, size: tuple[int, int]):
-        """images (B, 3, H, W) in [-1, 1], resized to `size` pixels and ImageNet-normalised, through the network:
+        """images (B, 3, H, W) in [-1, 1], resized to `size` pixels and normalised, through the network:
         its transformers output. Gradients flow to `images`; wrap in no_grad for targets."""
         # float: x̂₀ may come out of autocast in bf16, which antialiased resizing does not take on CPU
         x = F.interpolate((images.float() + 1) / 2, size=size, mode="bicubic", antialias=True)
@@ -111,4 +136,4 @@ class DinoFeatures(nn.Module):
 
     def grid_tokens(self, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Patch tokens on a (rows, cols) grid, in raster order: the input is resized to grid x patch size."""
-        return self(images, (grid[0] * self.patch_size, grid[1] * self.patch_size))
+        return self(images, (grid[0] * self.patch_size[0], grid[1] * self.patch_size[1]))

@@ -1,8 +1,9 @@
-"""P-DINO: a perceptual loss in DINOv2's patch-token space, as in PRX's speedrun.
+"""P-DINO: a perceptual loss in DINO's patch-token space (DINOv2 or DINOv3 ViT), as in PRX's speedrun.
 
     d(x̂₀, x₀) = mean over patch tokens n of (1 − cos(f_n(x̂₀), f_n(x₀)))
 
-with both images resized to 224 px (a 16x16 token grid for ViT-B/14) and ImageNet-normalised.
+with both images resized to 224 px (a 16x16 token grid for ViT-B/14, 14x14 for DINOv3's /16) and normalised as the
+network's image processor does (ImageNet mean and std).
 """
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pixrun.errors import ConfigError
 from pixrun.losses.dino import DINO_HUB_ID, DinoFeatures
 
 
@@ -19,7 +21,7 @@ class PDinoConfig:
     weight: float = 0.0  # 0 switches it off; the recipe uses 0.01
     max_t: float = 1.0  # applied only where t <= max_t (t = 1 is noise); 1 = every noise level, PixelGen 0.7
     size: int = 224  # both images are resized to size x size before DINO
-    source: str = DINO_HUB_ID  # hub id or local directory of a DINOv2 checkpoint (with or without registers)
+    source: str = DINO_HUB_ID  # hub id or local directory of a DINOv2 (with or without registers) or DINOv3 ViT
     random_init: bool = False  # a tiny random ViT instead: tests / CPU demo only, results are meaningless
 
     def validate(self) -> None:
@@ -32,6 +34,8 @@ class PDinoConfig:
 class PDino(nn.Module):
     def __init__(self, dino: DinoFeatures, size: int = 224):
         super().__init__()
+        if size < max(dino.patch_size):
+            raise ConfigError(f"pdino.size {size} is smaller than one patch of the DINO network ({dino.patch_size})")
         self.dino = dino
         self.size = size
 

@@ -1,10 +1,11 @@
-"""REPA: align a denoiser block's image tokens with a frozen DINOv2 teacher's patch tokens (Yu et al. 2024).
+"""REPA: align a denoiser block's image tokens with a frozen DINO teacher's patch tokens (Yu et al. 2024).
 
     loss = −mean over tokens n of cos(projector(h_n), f_n(x₀))
 
 h is the output of `denoiser.blocks[block]` (the denoiser returns it with `hidden_at=block`), f the teacher's patch
-tokens of the clean image resized so that the teacher's patch grid equals the denoiser's token grid. Under TREAD
-the block sees only the kept tokens; `kept_index` picks the teacher tokens at the same positions.
+tokens of the clean image resized so that the teacher's patch grid equals the denoiser's token grid (grid x the
+teacher's patch: 14 for DINOv2, 16 for DINOv3, whatever the denoiser's patch). Under TREAD the block sees only the
+kept tokens; `kept_index` picks the teacher tokens at the same positions.
 """
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ class REPAConfig:
     block: int = 7  # index into denoiser.blocks whose output is aligned (the recipe's "block 8")
     until_step: int | None = None  # switched off from this step on; None: the whole run
     hidden: int = 2048  # projector width
-    teacher: str = DINO_HUB_ID  # hub id or local directory of a DINOv2 checkpoint (with or without registers)
+    teacher: str = DINO_HUB_ID  # hub id or local directory of a DINOv2 (with or without registers) or DINOv3 ViT
     random_init: bool = False  # a tiny random ViT teacher: tests / CPU demo only, results are meaningless
 
     def validate(self) -> None:

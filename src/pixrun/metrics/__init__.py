@@ -1,7 +1,8 @@
-"""The quality metrics of the field: FID, KID, CMMD and DINO-MMD against a reference image set.
+"""The quality metrics of the field: FID, KID, CMMD and DINO-MMD against a reference image set, and CLIPScore and
+PickScore of the images with their prompts.
 
     networks = load_networks(config, device)                  # once; reuse across evaluations
-    scores = quality_metrics(generated, reference, config, networks)
+    scores = quality_metrics(generated, reference, config, networks, captions)
     scores = shapes_quality_metrics(pipeline, shapes_world, config, networks)  # generate for the world, score
 
 Definitions and where each network's weights come from: docs/metrics.md.
@@ -14,6 +15,14 @@ import torch
 from torch import nn
 
 from pixrun.data.shapes import ShapesWorld
+from pixrun.metrics.alignment import (
+    ALIGNMENT_METRICS,
+    CLIP_SCORE_DEFAULT,
+    PICKSCORE_DEFAULT,
+    PICKSCORE_PROCESSOR_DEFAULT,
+    alignment_scores,
+    build_alignment_network,
+)
 from pixrun.metrics.distances import fid, kid, rbf_mmd
 from pixrun.metrics.features import (
     CLIP_DEFAULT,
@@ -33,12 +42,14 @@ from pixrun.metrics.reference import (
 )
 from pixrun.metrics.tbins import T_BINS, mse_by_t
 
-METRICS = tuple(NETWORK_OF_METRIC)
+REFERENCE_METRICS = tuple(NETWORK_OF_METRIC)  # scored against a reference image set
+METRICS = REFERENCE_METRICS + ALIGNMENT_METRICS  # the alignment metrics score images against their prompts
 
 
 @dataclass
 class MetricsConfig:
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))  # any of fid, kid, cmmd, dino_mmd
+    # any of fid, kid, cmmd, dino_mmd, clip_score, pickscore; the alignment metrics only when named
+    metrics: list[str] = field(default_factory=lambda: list(REFERENCE_METRICS))
     reference: str = "shapes"  # "shapes": a held-out sample of the run's world; else a folder of images
     num_images: int = 1000  # generated images, and reference images
     seed: int = REFERENCE_SEED  # the shapes reference's scenes (and so the prompts); generation noise
@@ -46,6 +57,9 @@ class MetricsConfig:
     inception: str = FID_WEIGHTS_URL  # path or URL of pt_inception-2015-12-05-6726825d.pth
     clip: str = CLIP_DEFAULT  # hub id or local folder
     dino: str = DINO_DEFAULT  # hub id or local folder
+    clip_score: str = CLIP_SCORE_DEFAULT  # CLIPScore's CLIPModel and tokenizer: hub id or local folder
+    pickscore: str = PICKSCORE_DEFAULT  # PickScore's CLIPModel: hub id or local folder
+    pickscore_processor: str = PICKSCORE_PROCESSOR_DEFAULT  # PickScore's tokenizer: hub id or local folder
     cache_dir: str = "~/.cache/pixrun/reference"  # reference features; "" = no cache
     kid_subsets: int = 100
     kid_subset_size: int = 1000
@@ -60,17 +74,24 @@ class MetricsConfig:
 
 
 def needed_networks(metrics: list[str]) -> list[str]:
-    return list(dict.fromkeys(NETWORK_OF_METRIC[m] for m in metrics))
+    """Feature networks by name (inception, clip, dino); an alignment metric's network is named as the metric."""
+    return list(dict.fromkeys(NETWORK_OF_METRIC.get(m, m) for m in metrics))
 
 
 def load_networks(config: MetricsConfig, device: str | torch.device = "cpu") -> dict[str, nn.Module]:
-    """The feature networks the configured metrics need, by name (inception, clip, dino), on `device`."""
+    """The networks the configured metrics need, by needed_networks' names, on `device`."""
     config.validate()
     weights = {"inception": config.inception, "clip": config.clip, "dino": config.dino}
-    return {
-        name: build_feature_network(name, weights[name], config.random_init).to(device)
-        for name in needed_networks(config.metrics)
-    }
+    tokenizers = {"clip_score": config.clip_score, "pickscore": config.pickscore_processor}
+    models = {"clip_score": config.clip_score, "pickscore": config.pickscore}
+    networks = {}
+    for name in needed_networks(config.metrics):
+        if name in ALIGNMENT_METRICS:
+            network = build_alignment_network(name, models[name], tokenizers[name], config.random_init)
+        else:
+            network = build_feature_network(name, weights[name], config.random_init)
+        networks[name] = network.to(device)
+    return networks
 
 
 def quality_metrics(
@@ -78,9 +99,14 @@ def quality_metrics(
     reference: ReferenceImages | torch.Tensor,
     config: MetricsConfig,
     networks: dict[str, nn.Module] | None = None,
+    captions: list[str] | None = None,
 ) -> dict[str, float]:
-    """Scores of generated images ([-1, 1], (N, 3, H, W)) against the reference set: fid, kid (+ kid_std), cmmd,
-    dino_mmd, as configured. Lower is better for all."""
+    """Scores of generated images ([-1, 1], (N, 3, H, W)) as configured: against the reference set fid, kid
+    (+ kid_std), cmmd, dino_mmd, lower is better; with the images' prompts `captions`, clip_score and pickscore,
+    higher is better."""
+    aligned = [m for m in config.metrics if m in ALIGNMENT_METRICS]
+    if aligned and captions is None:
+        raise ValueError(f"metrics {aligned} score images against their prompts: pass their captions")
     networks = networks if networks is not None else load_networks(config)
     if isinstance(reference, torch.Tensor):
         reference = tensor_reference(reference)
@@ -91,6 +117,8 @@ def quality_metrics(
     cache_dir = config.cache_dir or None
     scores: dict[str, float] = {}
     for name in needed:
+        if name in ALIGNMENT_METRICS:
+            continue
         network = networks[name]
         ours = extract_features(network, generated, config.batch_size)
         theirs = reference_features(reference, network, cache_dir, config.batch_size)
@@ -103,6 +131,8 @@ def quality_metrics(
                 scores["kid"], scores["kid_std"] = kid(ours, theirs, config.kid_subsets, config.kid_subset_size)
             else:
                 scores[metric] = rbf_mmd(ours, theirs)
+    if aligned:
+        scores.update(alignment_scores(generated, captions, {m: networks[m] for m in aligned}, config.batch_size))
     return scores
 
 
@@ -137,9 +167,9 @@ def shapes_quality_metrics(
     world=None, resolution: int | None = None,
 ) -> dict[str, float]:
     """Generate `num_images` images for the captions of a held-out sample of `shapes_world` (the run's) and score
-    them against that sample (or against the configured folder of images), at `resolution` (default: the
-    pipeline's). With a `world` (pixrun.runtime.World), every rank generates a part and rank 0 scores (the others
-    get {})."""
+    them against that sample (or against the configured folder of images) and their captions, at `resolution`
+    (default: the pipeline's). With a `world` (pixrun.runtime.World), every rank generates a part and rank 0
+    scores (the others get {})."""
     resolution = resolution or pipeline.resolution
     shapes = shapes_reference(shapes_world, resolution, config.num_images, config.seed)
     generated = generate_images(pipeline, shapes.captions, config.seed, config.batch_size, world, resolution)
@@ -148,14 +178,17 @@ def shapes_quality_metrics(
     reference = shapes if config.reference == "shapes" else folder_reference(
         config.reference, config.num_images, resolution
     )
-    return quality_metrics(generated, reference, config, networks)
+    return quality_metrics(generated, reference, config, networks, shapes.captions)
 
 
 __all__ = [
+    "ALIGNMENT_METRICS",
     "METRICS",
+    "REFERENCE_METRICS",
     "T_BINS",
     "MetricsConfig",
     "ReferenceImages",
+    "alignment_scores",
     "folder_reference",
     "generate_batches",
     "generate_images",

@@ -4,8 +4,8 @@
 - Inception pool3 (FID, KID): the FID Inception-v3 of pixrun.metrics.inception.
 - CLIP image embeddings (CMMD): CLIPVisionModelWithProjection, default openai/clip-vit-large-patch14-336 as in
   CMMD; the whole image resized (bicubic) to the model's input size, CLIP's normalisation, L2-normalised.
-- DINOv2 (DINO-MMD): Dinov2Model, default facebook/dinov2-base; the whole image resized (bicubic) to 224, ImageNet
-  normalisation, the final-layer-normed CLS token, L2-normalised.
+- DINOv2 or DINOv3 (DINO-MMD): Dinov2Model / DINOv3ViTModel, default facebook/dinov2-base; the whole image
+  resized (bicubic) to 224, the checkpoint's normalisation, the final-layer-normed CLS token, L2-normalised.
 """
 
 import numpy as np
@@ -16,7 +16,7 @@ from torch import nn
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from pixrun.errors import WeightsMissingError
-from pixrun.losses.dino import DinoFeatures
+from pixrun.losses.dino import DinoFeatures, dino_config
 from pixrun.metrics.inception import FIDInceptionV3, load_fid_inception
 
 CLIP_DEFAULT = "openai/clip-vit-large-patch14-336"
@@ -66,7 +66,7 @@ class DinoClsEmbedding(nn.Module):
         return self.dino.cls_embedding(images, (DINO_INPUT_SIZE, DINO_INPUT_SIZE))
 
 
-def _load_transformers(model_class, config_class, name_or_path: str, random_init: bool, metric: str) -> nn.Module:
+def load_transformers_model(model_class, config_class, name_or_path: str, random_init: bool, metric: str) -> nn.Module:
     try:
         if random_init:
             return model_class(config_class.from_pretrained(name_or_path))
@@ -85,13 +85,15 @@ def build_feature_network(network: str, weights: str, random_init: bool = False)
     if network == "inception":
         model = InceptionFeatures(FIDInceptionV3() if random_init else load_fid_inception(weights), key)
     elif network == "clip":
-        clip = _load_transformers(
+        clip = load_transformers_model(
             transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig, weights, random_init, "CMMD"
         )
         model = ClipFeatures(clip, key)
     elif network == "dino":
-        dino = _load_transformers(transformers.Dinov2Model, transformers.Dinov2Config, weights, random_init, "DINO-MMD")
-        model = DinoClsEmbedding(DinoFeatures(dino), key)
+        # DINOv2 or DINOv3, by the checkpoint's model_type, as the losses load them
+        dino = (DinoFeatures.from_config(dino_config(weights, False, "metrics.dino", "metrics.random_init"))
+                if random_init else DinoFeatures.load(weights, False, "metrics.dino", "metrics.random_init"))
+        model = DinoClsEmbedding(dino, key)
     else:
         raise ValueError(f"unknown feature network {network!r}; expected inception, clip or dino")
     return model.eval().requires_grad_(False)

@@ -2,7 +2,8 @@
 
 PRX tracks this during training in the bins [0, 0.3), [0.3, 0.6), [0.6, 1] (t = 1 is pure noise). Every image is
 measured once in every bin, at a t drawn uniformly inside the bin, with its own caption: the bins see the same
-images, so they differ only by noise level.
+images, so they differ only by noise level. In latent space (a pipeline with an autoencoder) x₀ is the images'
+latents, the autoencoder's encoding, and the error is measured on them.
 """
 
 import torch
@@ -26,7 +27,8 @@ def mse_by_t(
     batch_size: int = 64,
     world=None,
 ) -> dict[str, float]:
-    """{"mse_t0.0-0.3": ..., ...}: mean over images and pixels of (x̂₀ - x₀)², images in [-1, 1].
+    """{"mse_t0.0-0.3": ..., ...}: mean over images and pixels (latent elements in latent space) of (x̂₀ - x₀)²,
+    images in [-1, 1].
     Image i's t and noise in every bin come from generator seed + i: results do not depend on batch_size, nor on
     the number of ranks when a `world` (pixrun.runtime.World) splits the images between them."""
     bins = [(float(low), float(high)) for low, high in bins]
@@ -42,6 +44,9 @@ def mse_by_t(
         indices = [min(i, len(images) - 1) for i in range(start, min(start + batch_size, mine.start + per_rank))]
         counted = torch.tensor([i < mine.stop for i in range(start, start + len(indices))], device=device)
         x0 = images[indices].to(device)
+        if pipeline.autoencoder is not None:
+            x0 = pipeline.autoencoder.encode(x0)
+        elements_per_image = x0[0].numel()
         generators = [torch.Generator().manual_seed(seed + i) for i in indices]
         with compute_context(device, pipeline.precision):
             txt, mask = text_tower([captions[i] for i in indices])
@@ -55,4 +60,5 @@ def mse_by_t(
     text_tower.train(was_training[1])
     if world is not None and world.distributed:
         torch.distributed.all_reduce(squared_error)
-    return {bin_name(*key): total / images.numel() for key, total in zip(bins, squared_error.tolist())}
+    count = len(images) * elements_per_image
+    return {bin_name(*key): total / count for key, total in zip(bins, squared_error.tolist())}
