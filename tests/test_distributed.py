@@ -98,3 +98,13 @@ def test_a_shard_run_resumes_its_data_order_on_another_world_size(prepared, tmp_
         command = pixrun_command if processes == 1 else partial(torchrun_command, processes)
         run(command(resumed, *STEPS, *data, resume=True), timeout=600)
         assert_same_state(list_checkpoints(straight)[-1], list_checkpoints(resumed)[-1])
+
+
+def test_a_released_latent_pipeline_fine_tunes_on_two_fsdp_processes_as_on_one(tmp_path):
+    from tests.test_finetune import saved_pipeline
+
+    folder = saved_pipeline("PRXPipeline", tmp_path / "prx")
+    init = [f"init={folder}", "optim.name=muon", "train.steps=4", "train.checkpoint_every=4", "train.sample_every=4"]
+    run(pixrun_command(tmp_path / "one", *init))
+    run(torchrun_command(2, tmp_path / "two", *init, "parallel.strategy=fsdp"))
+    assert_same_state(list_checkpoints(tmp_path / "one")[-1], list_checkpoints(tmp_path / "two")[-1])

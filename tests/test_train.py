@@ -92,3 +92,32 @@ def test_an_ordinary_step_never_reads_the_device(tiny_config, extra):
     assert reads.calls == []
     assert int(trainer.state.nonfinite_total) == 1
 
+
+
+def test_a_latent_run_trains_on_latents_with_image_losses_on_the_decoded_prediction(tiny_config, tmp_path):
+    from pixrun.losses.lpips import LPIPS
+    from tests.test_latent import tiny_kl
+
+    vae = tiny_kl(tmp_path / "vae")  # 2x, 4 channels: 32 px images are 16 x 16 latents, 4 x 4 tokens of 4 x 4
+    config = tiny_config(**{"latent.vae": vae, "model.patch_size": 4, "lpips.weight": 0.5, "lpips.random_init": True,
+                            "repa.weight": 0.5, "repa.block": 0, "repa.hidden": 16, "repa.random_init": True})
+    trainer = Trainer(config)
+    pipeline = trainer.state.pipeline
+    assert pipeline.denoiser.config.in_channels == 4 and config.model.in_channels == 3  # derived, not written back
+    seen = {}
+    real_lpips = LPIPS.forward
+
+    def lpips_sees(self, x0_hat, x0):
+        seen["shapes"] = (tuple(x0_hat.shape), tuple(x0.shape), x0_hat.requires_grad)
+        return real_lpips(self, x0_hat, x0)
+
+    LPIPS.forward = lpips_sees
+    try:
+        before = [p.detach().clone() for p in pipeline.denoiser.parameters()]
+        metrics = trainer.step(0)
+    finally:
+        LPIPS.forward = real_lpips
+    assert seen["shapes"] == ((8, 3, 32, 32), (8, 3, 32, 32), True)  # images: decoded x̂₀ against the real ones
+    assert all(torch.isfinite(metrics[name]) for name in ("flow_loss", "lpips", "repa"))
+    assert any(not torch.equal(a, b) for a, b in zip(before, pipeline.denoiser.parameters()))
+    trainer.close()
