@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from pixrun.flow import SPACES, Flow, FlowConfig, sampling_times, shift_time
+from pixrun.flow import SPACES, Flow, FlowConfig, partner_rows, sampling_times, shift_time
 
 
 def batch(n=4, s=2.0):
@@ -87,3 +87,28 @@ def test_noise_scale_grows_with_resolution_when_based_on_one():
     assert torch.allclose(x_t, (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * 2.0 * eps)
     assert flow.loss(flow.target(x0, eps), x0, eps, x_t, t) == 0
     assert Flow(FlowConfig(noise_scale=2.0)).noise_scale(torch.zeros(1, 3, 512, 512)) == 2.0
+
+
+def test_contrastive_flow_matching_subtracts_the_error_against_the_partner_rows_target():
+    flow = Flow(FlowConfig(prediction="x", loss="x", contrastive=0.1))
+    x0 = torch.arange(5.0)[:, None, None, None].expand(5, 1, 2, 2)  # row i is all i: partners differ by 1
+    eps, t = torch.zeros_like(x0), torch.full((5,), 0.5)
+    x_t = flow.add_noise(x0, eps, t)
+    # a perfect prediction: the flow error is 0; rows 0-1 and 2-3 are 1 apart from their partner, row 4 has none
+    assert flow.loss(x0, x0, eps, x_t, t).item() == pytest.approx(-0.1 * 4 / 5)
+    wrong = x0 + 1.0
+    # error 1 everywhere; against the partner's truth rows 0 and 2 are on it, rows 1 and 3 are 2 off
+    assert flow.loss(wrong, x0, eps, x_t, t).item() == pytest.approx(1.0 - 0.1 * (0 + 4 + 0 + 4) / 5)
+
+
+def test_contrastive_pairs_never_span_two_halves_of_an_even_batch():
+    partner, paired = partner_rows(8)
+    assert partner.tolist() == [1, 0, 3, 2, 5, 4, 7, 6] and paired.tolist() == [1.0] * 8
+    assert (partner[:4] < 4).all() and (partner[4:] >= 4).all()  # a batch split over 2 ranks keeps its pairs
+    partner, paired = partner_rows(3)
+    assert partner.tolist() == [1, 0, 2] and paired.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_contrastive_lambda_is_validated():
+    with pytest.raises(ValueError, match="contrastive"):
+        Flow(FlowConfig(contrastive=1.5))

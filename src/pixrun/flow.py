@@ -5,6 +5,11 @@
 
 The network may predict x0, eps or v (`prediction`) and be trained in any of the three spaces (`loss`); a
 prediction is converted to the loss space with t clamped away from the singular end, as in JiT and PRX.
+
+Contrastive flow matching (ΔFM, as PRX trains): the loss minus `contrastive` times the squared error against another
+sample's target, which pushes predictions of different conditions apart. The other sample is the row's partner in
+consecutive pairs (0-1, 2-3, ...), so with an even batch on every rank no pair spans two ranks and 1 and N processes
+train the same model.
 """
 
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ class FlowConfig:
     noise_scale_base: int = 0  # > 0: noise scale x sqrt(H * W) / base, growing with resolution (JiT: size / 256)
     t_clamp: float = 0.05  # divisions by t (or 1 - t) never go below this
     caption_dropout: float = 0.1  # share of captions replaced by the empty prompt, for guidance
+    contrastive: float = 0.0  # contrastive flow matching's lambda (PRX: 0.1); 0 = off
 
     def validate(self) -> None:
         for name in ("prediction", "loss"):
@@ -39,6 +45,8 @@ class FlowConfig:
             raise ValueError("flow.noise_scale_base must be 0 (off) or a resolution")
         if not 0 < self.t_clamp < 1:
             raise ValueError("flow.t_clamp must lie in (0, 1)")
+        if not 0 <= self.contrastive < 1:
+            raise ValueError("flow.contrastive must lie in [0, 1)")
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -105,11 +113,26 @@ class Flow:
         return x0 if p == "x" else eps if p == "eps" else self.noise_scale(x0) * eps - x0
 
     def loss(self, pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-        """Mean squared error in the loss space; prediction and truth go through the same conversion."""
+        """Mean squared error in the loss space; prediction and truth go through the same conversion. With
+        `contrastive`, minus lambda times the error against the partner row's truth (a row without one: none)."""
         c = self.config
         pred_l = self.convert(pred.float(), x_t, t, c.prediction, c.loss)
         true_l = self.convert(self.target(x0, eps), x_t, t, c.prediction, c.loss)
-        return (pred_l - true_l).pow(2).mean()
+        loss = (pred_l - true_l).pow(2).mean()
+        if c.contrastive:
+            partner, paired = partner_rows(len(pred_l), pred_l.device)
+            apart = (pred_l - true_l[partner]).pow(2).flatten(1).mean(1)
+            loss = loss - c.contrastive * (apart * paired).mean()
+        return loss
+
+
+def partner_rows(n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's partner in consecutive pairs (0-1, 2-3, ...), and whether it has one (the last of an odd count
+    has none and is its own)."""
+    rows = torch.arange(n, device=device)
+    partner = rows ^ 1
+    paired = partner < n
+    return torch.where(paired, partner, rows), paired.float()
 
 
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
