@@ -14,7 +14,7 @@ import yaml
 from pixrun.budget import budget_seconds
 from pixrun.data import config as data_config
 from pixrun.data.config import DataConfig
-from pixrun.data.source import DATA_SOURCES
+from pixrun.data.source import DATA_SOURCES, section_keys
 from pixrun.errors import ConfigError
 from pixrun.flow import FlowConfig
 from pixrun.latent import LatentConfig
@@ -169,7 +169,6 @@ class Config:
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.optim.betas}")
 
-
     def _validate_losses(self) -> None:
         for name, section in self.losses.items():
             try:
@@ -280,7 +279,7 @@ def _build_data(raw) -> DataConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"data must be a mapping, got {raw!r}")
     own, sections = data_config.split_keys(raw)
-    keys = tuple(key for source in DATA_SOURCES.values() for key in data_config.section_keys(source))
+    keys = tuple(key for source in DATA_SOURCES.values() for key in section_keys(source))
     data = _build(DataConfig, own, "data", nested="sections", registered=keys)
     for name, values in sections.items():
         data.sections[name] = _build(DATA_SOURCES[name].config_class, values, "data")
