@@ -326,14 +326,18 @@ def run_rank(spec_path: Path) -> None:
 
     import pixrun
     from pixrun.config import load_config
+    from pixrun.errors import ConfigError
     from pixrun.train import Trainer
 
     count_shard_reads(counters)
     overrides = spec["overrides"]
-    if "partitions" in inspect.signature(pixrun.config.DataConfig).parameters:
+    try:
+        load_config(None, ["data.partitions=4"])
         # canonical partitions (the new data path): the largest world size, 4, must divide them, and they the
         # global batch of every world size
         overrides = [*overrides, "data.partitions=4"]
+    except ConfigError:  # a revision from before them
+        pass
     config = load_config(None, overrides)
     trainer = Trainer(config)
     try:

@@ -11,7 +11,7 @@ from pixrun import bench
 from pixrun.bench import compare_diffusers, datasheet_peak_tflops, format_report, run_bench, stage_steps
 from pixrun.cli import main
 from pixrun.config import ConfigError, load_config
-from pixrun.data.source import ShapesSource
+from pixrun.data.shapes import ShapesSource
 from pixrun.flops import text_encoder_flops
 from pixrun.train import Trainer
 from tests.helpers import tiny_t5

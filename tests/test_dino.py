@@ -118,7 +118,8 @@ def test_a_training_step_runs_repa_and_pdino_on_one_shared_dinov3(tiny_config, d
     config = tiny_config(repa__weight=0.5, repa__block=0, repa__hidden=16, repa__teacher=str(dinov3_dir),
                          pdino__weight=0.01, pdino__size=32, pdino__source=str(dinov3_dir))
     trainer = Trainer(config)
-    aux = trainer.state.aux
-    assert isinstance(aux.teacher.model, DINOv3ViTModel) and aux.pdino.dino is aux.teacher  # loaded once
+    terms = trainer.state.aux.terms
+    teacher = terms["repa"].teacher
+    assert isinstance(teacher.model, DINOv3ViTModel) and terms["pdino"].network.dino is teacher  # loaded once
     metrics = trainer.step(0)
     assert torch.isfinite(metrics["repa"]) and torch.isfinite(metrics["pdino"]) and metrics["pdino"] > 0

@@ -5,7 +5,8 @@ import torch
 import transformers
 
 from pixrun.config import load_config
-from pixrun.flops import counted_flops, denoiser_flops, perceptual_flops, text_encoder_flops, training_flops
+from pixrun.flops import denoiser_flops, text_encoder_flops, training_flops
+from pixrun.losses import counted_flops, perceptual_flops
 from pixrun.losses.lpips import LPIPS
 from pixrun.model import PRESETS, ModelConfig, TokenRouting
 from pixrun.text import TextConfig
@@ -111,32 +112,33 @@ def test_the_recipe_losses_count_dinov2_b14_and_follow_the_stage(tmp_path):
     # forward on x̂₀ and x₀, and a backward to x̂₀: one forward's worth through the frozen weights, but two through
     # attention, whose products need the gradients of both their operands
     forward, attention = vit_b14_forward(224)
-    assert first.pdino == second.pdino == 3 * forward + attention
+    assert first.terms["pdino"] == second.terms["pdino"] == 3 * forward + attention
     # stage 1, 32 px: the teacher sees the 4x4 token grid at 56 px, forward only; the projector (64 -> 64 -> 64 ->
     # 768) trains on the tokens that reached block 1, 8 of 16 under TREAD
     projector = 2 * 8 * (64 * 64 + 64 * 64 + 64 * 768)
-    assert first.repa == vit_b14_forward(56)[0] + 3 * projector
-    assert second.repa == 0  # stage 2 runs lpips and pdino only
+    assert first.terms["repa"] == vit_b14_forward(56)[0] + 3 * projector
+    assert second.terms["repa"] == 0  # stage 2 runs lpips and pdino only
     with torch.device("meta"):
         lpips = LPIPS(0.5)
-    assert (first.lpips, second.lpips) == (perceptual_flops(lpips, 32), perceptual_flops(lpips, 64))
+    assert (first.terms["lpips"], second.terms["lpips"]) == (perceptual_flops(lpips, 32), perceptual_flops(lpips, 64))
     assert first.denoiser == denoiser_flops(config.model, 32, 8, config.tread, text_trained=True)[1]
-    assert first.total == first.denoiser + first.lpips + first.pdino + first.repa  # no text encoder given
+    assert first.total == first.denoiser + sum(first.terms.values())  # no text encoder given
 
 
 def test_routing_losses_and_text_encoder_as_the_config_switches_them(tiny_config):
     config = tiny_config(model__depth=4, repa__weight=0.5, repa__block=2, repa__until_step=100, repa__hidden=64,
                          repa__random_init=True)
     off = training_flops(config, 0, 8)
-    assert off.lpips == off.pdino == 0 and off.text_encoder == 0
+    assert off.terms["lpips"] == off.terms["pdino"] == 0 and off.text_encoder == 0
     config.tread = TokenRouting(enabled=True, fraction=0.5, start=1, end=-1)
     routed = training_flops(config, 99, 8)
-    assert routed.denoiser < off.denoiser and routed.repa < off.repa  # the projector sees the kept tokens only
-    assert training_flops(config, 100, 8).repa == 0  # REPA switched off from until_step on
+    # the projector sees the kept tokens only
+    assert routed.denoiser < off.denoiser and routed.terms["repa"] < off.terms["repa"]
+    assert training_flops(config, 100, 8).terms["repa"] == 0  # REPA switched off from until_step on
     encoder = transformers.T5Config(d_model=32, d_kv=16, num_heads=2, num_layers=1, d_ff=96)
     trained = training_flops(config, 0, 8, encoder)
     assert trained.text_encoder == text_encoder_flops(config.text, encoder, 8, trained=True) > 0
-    assert trained.total == trained.denoiser + trained.text_encoder + trained.repa
+    assert trained.total == trained.denoiser + trained.text_encoder + trained.terms["repa"]
 
 
 def test_latent_space_counts_the_denoiser_on_the_latent_grid_and_the_vae_where_it_runs(tiny_config, tmp_path):
@@ -149,9 +151,10 @@ def test_latent_space_counts_the_denoiser_on_the_latent_grid_and_the_vae_where_i
     on_the_fly = training_flops(config, 0, 8, autoencoder=autoencoder)
     prepared = training_flops(config, 0, 8, autoencoder=autoencoder, prepared_latents=True)
     assert on_the_fly.denoiser == denoiser_flops(config.model, resolution // 2, 8, text_trained=True)[1]
-    assert on_the_fly.lpips == training_flops(config, 0, 8).lpips  # the image losses stay at the pixels' size
+    # the image losses stay at the pixels' size
+    assert on_the_fly.terms["lpips"] == training_flops(config, 0, 8).terms["lpips"]
     # the decoder runs forward and backward to x̂₀ (LPIPS is on); the encoder only where latents are not prepared
     assert 0 < prepared.autoencoder < on_the_fly.autoencoder
     config.lpips.weight = 0.0
     assert training_flops(config, 0, 8, autoencoder=autoencoder, prepared_latents=True).autoencoder == 0
-    assert on_the_fly.total == (on_the_fly.denoiser + on_the_fly.lpips + on_the_fly.autoencoder)
+    assert on_the_fly.total == (on_the_fly.denoiser + on_the_fly.terms["lpips"] + on_the_fly.autoencoder)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pixrun.data.prepare import PrepareOptions, prepare_dataset
-from pixrun.data.source import ShardSource
+from pixrun.data.shards import ShardSource
 from pixrun.data.stream import PlanError, ShardStream, TarSample, decode_sample, read_tar_samples
 from pixrun.errors import ConfigError
 from pixrun.latent import Autoencoder, LatentConfig

@@ -15,7 +15,7 @@ import pixrun.data.prepare as prepare_module
 from pixrun.config import ConfigError
 from pixrun.data.buckets import make_buckets, parse_bucket
 from pixrun.data.prepare import PrepareOptions, perceptual_hash, prepare_dataset
-from pixrun.data.source import read_captions, read_held_out
+from pixrun.data.shards import read_captions, read_held_out
 from pixrun.data.stream import EmptyDatasetError, ShardStream, TarSample, read_tar_samples
 from pixrun.text import TextConfig, TextTower
 from tests.helpers import image_folder

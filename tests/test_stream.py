@@ -13,9 +13,9 @@ from PIL import Image
 from webdataset import TarWriter
 
 import pixrun.data.stream as stream_module
-from pixrun.config import ConfigError, DataConfig
+from pixrun.config import ConfigError, load_config
 from pixrun.data.prepare import PrepareOptions, prepare_dataset
-from pixrun.data.source import ShardSource
+from pixrun.data.shards import ShardSource
 from pixrun.data.stream import INDEX_FORMAT, EmptyDatasetError, PlanError, ShardStream, read_tar_samples
 from pixrun.text import TextConfig, TextTower
 from tests.helpers import tiny_t5
@@ -51,7 +51,7 @@ def write_dataset(root, layout, embeddings=False, text_encoder=None):
     return root
 
 
-# Shards of uneven sizes: with 4 partitions, 16x16 gives 3 batches of 8 an epoch, 32x16 gives 2; the rest waits.
+# Shards of uneven sizes: with 4 partitions, 16x16 gives 4 batches of 8 an epoch, 32x16 gives 3; the rest waits.
 LAYOUT = [("16x16", 6), ("32x16", 5), ("16x16", 4), ("16x16", 7), ("32x16", 6), ("16x16", 5), ("32x16", 4),
           ("16x16", 6), ("32x16", 7), ("16x16", 3), ("32x16", 5), ("16x16", 4)]
 # Shards that fill 4 partitions exactly: every shard is read every epoch.
@@ -77,19 +77,33 @@ def global_batches(root, world_size, steps, start=0, **options):
 
 def test_one_two_and_four_ranks_see_the_same_global_batches(tmp_path):
     root = write_dataset(tmp_path / "data", LAYOUT)
-    assert len(make_stream(root)) == 5
-    one = global_batches(root, 1, 10)
-    assert global_batches(root, 2, 10) == one and global_batches(root, 4, 10) == one
-    for epoch in (one[:5], one[5:]):
+    # 35 samples of 16x16 give each of the 4 partitions 8 (4 batches of 2 rows), 27 of 32x16 give 6 (3 batches)
+    assert len(make_stream(root)) == 7
+    one = global_batches(root, 1, 14)
+    assert global_batches(root, 2, 14) == one and global_batches(root, 4, 14) == one
+    for epoch in (one[:7], one[7:]):
         keys = [key for step in epoch for key in step]
-        assert len(keys) == len(set(keys)) == 40 and set(keys) <= EVERYTHING
+        assert len(keys) == len(set(keys)) == 56 and set(keys) <= EVERYTHING
         assert all(len({key.split("_")[0] for key in step}) == 1 for step in epoch)  # one bucket a step
-    assert one[:5] != one[5:]  # another shuffle each epoch
+    assert one[:7] != one[7:]  # another shuffle each epoch
     for batch in take(make_stream(root, rank=1, world_size=2), 5):
         width, height = batch.bucket
         assert batch.images.shape == (4, 3, height, width) and batch.images.dtype == torch.uint8
         assert batch.embeddings is None and batch.skipped == {}
         assert batch.rows == [0, 1, 2, 3]
+
+
+def test_fewer_shards_than_partitions_train_in_the_same_order_on_any_world_size(tmp_path):
+    root = write_dataset(tmp_path / "data", [("16x16", 30)] * 3)
+    # 90 samples in 3 shards: 4 partitions of 22 or 23 consecutive samples, cut inside shards; 11 batches of 8
+    assert len(make_stream(root)) == 11
+    one = global_batches(root, 1, 22)
+    assert global_batches(root, 2, 22) == one and global_batches(root, 4, 22) == one
+    assert len({key for step in one[:11] for key in step}) == 88 and one[:11] != one[11:]
+    # partition p holds samples [22.5 p, 22.5 (p + 1)): rank p of 4 reads only the shards they lie in
+    read = [{key.split("_")[1] for batch in take(make_stream(root, rank=r, world_size=4), 11) for key in batch.captions}
+            for r in range(4)]
+    assert read == [{"000000"}, {"000000", "000001"}, {"000001", "000002"}, {"000002"}]
 
 
 def test_a_rank_serves_its_partitions_rows_and_reads_only_their_shards(tmp_path):
@@ -187,12 +201,18 @@ def test_partitions_must_split_over_the_ranks_and_the_batch(tmp_path):
 
 
 def test_data_config_checks_partitions_against_every_stage_batch():
-    DataConfig(source="shards", partitions=4).validate([8, 4])
-    DataConfig(source="shapes", partitions=4).validate([6])  # the shapes world has no partitions
-    with pytest.raises(ValueError, match=r"data.partitions \(4\) must divide the global batch \(6\)"):
-        DataConfig(source="shards", partitions=4).validate([8, 6])
-    with pytest.raises(ValueError, match="at least 1"):
-        DataConfig(source="shards", partitions=0).validate([8])
+    def staged(second_batch: int, *data):
+        stages = ("stages=[{until_step: 4, resolution: 16, batch_size: 8}, "
+                  f"{{until_step: 8, resolution: 16, batch_size: {second_batch}}}]")
+        return load_config(None, ["data.resolution=16", "model.patch_size=8", "train.steps=8", stages, *data])
+
+    shards = ["data.source=shards", "data.shards=/data"]
+    assert staged(4, *shards, "data.partitions=4").data.partitions == 4
+    staged(6, "data.partitions=4")  # the shapes world has no partitions
+    with pytest.raises(ConfigError, match=r"data.partitions \(4\) must divide the global batch \(6\)"):
+        staged(6, *shards, "data.partitions=4")
+    with pytest.raises(ConfigError, match="at least 1"):
+        staged(8, *shards, "data.partitions=0")
 
 
 def test_embeddings_of_another_text_encoder_are_refused(tmp_path):
@@ -272,9 +292,9 @@ def test_empty_data_set_is_a_clear_error(tmp_path):
     root = write_dataset(tmp_path / "empty", [])
     with pytest.raises(EmptyDatasetError, match="yields no batch"):
         make_stream(root)
-    few_shards = write_dataset(tmp_path / "few", [("16x16", 30)] * 3)
-    with pytest.raises(EmptyDatasetError, match="each of 4 partitions of whole shards.*holds 90 samples in 3 shards"):
-        make_stream(few_shards)
+    too_few = write_dataset(tmp_path / "few", [("16x16", 3), ("32x16", 5)])
+    with pytest.raises(EmptyDatasetError, match="a global batch takes 8 samples.*its largest bucket holds 5"):
+        make_stream(too_few)
 
 
 def test_data_set_whose_every_sample_is_bad_is_a_clear_error(tmp_path):

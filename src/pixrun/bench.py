@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from pixrun.config import Config, load_config
+from pixrun.data.source import DATA_SOURCES
 from pixrun.errors import ConfigError
 from pixrun.export import transformer_kwargs
 from pixrun.flops import training_flops
@@ -137,7 +138,7 @@ def data_time_and_text_tokens(trainer, steps: range) -> tuple[float, float, bool
 def stage_steps(config: Config, stage: int, count: int) -> range:
     """The first `count` steps of stage `stage`, as global step numbers: the trainer runs them at that stage's
     resolution, batch, losses and routing, as a run would. A stage shorter than `count` is stretched first, in
-    `config`: its step boundaries (stages, train.steps, repa.until_step) times the smallest whole factor that makes
+    `config`: its step boundaries (stages, train.steps, the loss terms' until_step) times the smallest whole factor that makes
     it long enough, as a longer run in the same proportions."""
     plan = config.stage_plan()
     if not 0 <= stage < len(plan):
@@ -148,8 +149,9 @@ def stage_steps(config: Config, stage: int, count: int) -> range:
         for each in config.stages:
             each.until_step *= factor
         config.train.steps *= factor
-        if config.repa.until_step is not None:
-            config.repa.until_step *= factor
+        for section in config.losses.values():
+            if section.until_step is not None:
+                section.until_step *= factor
     return range(factor * start, factor * start + count)
 
 
@@ -191,7 +193,8 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | No
     # the text tower counts where the step runs it: not where its states come prepared or from the text cache
     text_runs = config.text.trainable or not (precomputed or config.text.cache_dir)
     flops = training_flops(dataclasses.replace(config, model=model), timed.start, round(text_tokens),
-                           encoder if text_runs else None, autoencoder, prepared_latents=config.data.source == "shards")
+                           encoder if text_runs else None, autoencoder,
+                           prepared_latents=DATA_SOURCES[config.data.source].prepared_latents)
     peak, peak_source = peak_tflops(device, bf16)
     factor = autoencoder.factor if autoencoder is not None else 1
     image_tokens = (stage_config.resolution // factor // model.patch_size) ** 2
@@ -314,8 +317,8 @@ def format_report(result: dict) -> str:
              f"{result['max_abs_output_difference']:.1e})"),
         ])
     flops = result["flops_per_image"]
-    parts = ", ".join(f"{name} {flops[name] / 1e9:.3g}" for name in ("denoiser", "text_encoder", "lpips", "pdino",
-                                                                     "repa") if flops[name])
+    names = [name for name in flops if name not in ("denoiser_forward", "losses", "total")]
+    parts = ", ".join(f"{name} {flops[name] / 1e9:.3g}" for name in names if flops[name])
     return "\n".join([
         head + (", compiled" if result["compile"] else ""),
         (f"  step {result['step_ms']:.1f} ms  |  {result['images_per_s']:.2f} images/s  |  "

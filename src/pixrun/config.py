@@ -12,47 +12,21 @@ from pathlib import Path
 import yaml
 
 from pixrun.budget import budget_seconds
+from pixrun.data import config as data_config
+from pixrun.data.config import DataConfig
+from pixrun.data.source import DATA_SOURCES, section_keys
 from pixrun.errors import ConfigError
 from pixrun.flow import FlowConfig
 from pixrun.latent import LatentConfig
 from pixrun.logger import LogConfig
-from pixrun.losses.lpips import LPIPSConfig
-from pixrun.losses.pdino import PDinoConfig
-from pixrun.losses.repa import REPAConfig
+from pixrun.losses import LOSS_TERMS, LossConfig
+from pixrun.losses.auxiliary import default_loss_sections
 from pixrun.metrics import MetricsConfig
 from pixrun.model import PRESETS, ModelConfig, TokenRouting
 from pixrun.optim import EMAConfig, OptimConfig
 from pixrun.parallel import ParallelConfig
 from pixrun.sampler import SampleConfig
 from pixrun.text import TextConfig
-
-AUXILIARY_LOSSES = ("lpips", "pdino", "repa")
-
-
-@dataclass
-class DataConfig:
-    source: str = "shapes"  # shapes: the built-in world | shards: prepared by `pixrun data prepare`
-    resolution: int = 64
-    shards: str = ""  # source shards: the prepared folder (or its index.json, or a URL)
-    shard_url: str | None = None  # e.g. "pipe:curl -sL https://host/data/{path}" for shards behind a URL
-    num_workers: int = 2  # loader processes per rank
-    shuffle_shards: int = 4  # samples are shuffled within groups of this many shards
-    partitions: int = 64  # canonical partitions of the shards (docs/data.md): world sizes and batches divide it
-    kinds: list[str] = field(default_factory=lambda: ["circle", "square", "triangle", "cross"])
-    colors: list[str] = field(default_factory=lambda: ["red", "orange", "yellow", "green", "blue", "purple"])
-    heldout: list[str] = field(default_factory=lambda: ["purple triangle", "orange circle"])  # never trained on
-    task_weights: dict[str, float] | None = None  # None: the six tasks equally
-
-    def validate(self, global_batches: list[int]) -> None:
-        """`global_batches`: each stage's. Shards need every global batch to take as many samples from each
-        partition; the world size is checked against data.partitions when the source is made."""
-        if self.partitions < 1:
-            raise ValueError(f"data.partitions must be at least 1, got {self.partitions}")
-        if self.source == "shards":
-            for batch in global_batches:
-                if batch % self.partitions:
-                    raise ValueError(f"data.partitions ({self.partitions}) must divide the global batch ({batch}): "
-                                     "every partition gives each batch as many samples")
 
 
 @dataclass
@@ -87,13 +61,13 @@ class StageConfig:
     until_step: int
     resolution: int
     batch_size: int
-    losses: list[str] | None = None  # auxiliary losses on in this stage (lpips, pdino, repa); None: all configured
+    losses: list[str] | None = None  # loss terms on in this stage (lpips, pdino, repa, ...); None: all configured
     tread: bool | None = None  # token routing in this stage; None: as tread.enabled
     shards: str | None = None  # data.source shards: this stage's prepared set; None: data.shards
     budget_share: float | None = None  # share of train.budget (all stages or none); None: by samples (steps x batch)
 
     def uses(self, loss: str) -> bool:
-        """Whether auxiliary loss `loss` (lpips, pdino, repa) is on in this stage, if configured."""
+        """Whether loss term `loss` (a registered name: lpips, pdino, repa, ...) is on in this stage, if configured."""
         return self.losses is None or loss in self.losses
 
     def routes(self, tread: TokenRouting) -> bool:
@@ -122,13 +96,20 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
-    pdino: PDinoConfig = field(default_factory=PDinoConfig)
-    repa: REPAConfig = field(default_factory=REPAConfig)
+    # every registered loss term's section (pixrun.losses.LOSS_TERMS), read and written as top-level sections
+    # (`lpips:`, `repa.weight=0.5`)
+    losses: dict[str, LossConfig] = field(default_factory=default_loss_sections)
     tread: TokenRouting = field(default_factory=TokenRouting)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage (train.steps, data.resolution, ...)
+
+    def __getattr__(self, name: str):
+        """A loss term's section by its name, as the YAML writes it: `config.repa` is `config.losses["repa"]`."""
+        losses = self.__dict__.get("losses", {})
+        if name in losses:
+            return losses[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def stage_plan(self) -> list[StageConfig]:
         """The stages the run goes through; a run without `stages` is one stage."""
@@ -155,14 +136,11 @@ class Config:
             self.flow.validate()
             self.sample.validate()
             self.parallel.validate()
-            self.data.validate([stage.batch_size for stage in self.stage_plan()])
+            self.data.validate(self)
             self.optim.validate()
             self.metrics.validate()
             self.log.validate()
-            for loss in (self.lpips, self.pdino, self.repa):
-                loss.validate()
-            if self.repa.weight > 0 and self.repa.block >= self.model.depth:
-                raise ValueError(f"repa.block {self.repa.block} is not a block of a depth-{self.model.depth} model")
+            self._validate_losses()
             if self.tread.enabled:
                 self.tread.blocks(self.model.depth)
         except ValueError as e:
@@ -171,13 +149,6 @@ class Config:
         if res % patch:
             raise ConfigError(f"model.patch_size {patch} does not divide data.resolution {res}")
         self._validate_stages()
-        if self.data.source not in ("shapes", "shards"):
-            raise ConfigError(f"data.source {self.data.source!r} is not known (known: shapes, shards)")
-        shards = [stage.shards or self.data.shards for stage in self.stage_plan()]
-        if self.data.source == "shards" and not all(shards):
-            raise ConfigError("data.source shards needs data.shards: a folder made by `pixrun data prepare`")
-        if self.data.num_workers < 0 or self.data.shuffle_shards < 1:
-            raise ConfigError("data.num_workers must be >= 0 and data.shuffle_shards >= 1")
         if self.train.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.train.precision!r}")
         positive = {
@@ -198,6 +169,14 @@ class Config:
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.optim.betas}")
 
+    def _validate_losses(self) -> None:
+        for name, section in self.losses.items():
+            try:
+                section.validate()
+                if section.weight > 0:
+                    section.fits(self.model)
+            except ValueError as e:
+                raise ValueError(f"{name}.{e}") from None  # messages start with the field
 
     def _validate_budget(self) -> None:
         tc = self.train
@@ -227,9 +206,9 @@ class Config:
                                   f"{stage.resolution}")
             if stage.batch_size <= 0:
                 raise ConfigError(f"{where}.batch_size must be positive")
-            unknown = set(stage.losses or []) - set(AUXILIARY_LOSSES)
+            unknown = set(stage.losses or []) - set(self.losses)
             if unknown:
-                raise ConfigError(f"{where}.losses: {min(unknown)!r} is not one of {', '.join(AUXILIARY_LOSSES)}")
+                raise ConfigError(f"{where}.losses: {min(unknown)!r} is not one of {', '.join(self.losses)}")
             previous = stage.until_step
         if previous != self.train.steps:
             raise ConfigError(f"the last stage ends at step {previous}, but train.steps is {self.train.steps}")
@@ -256,7 +235,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
-    config = _build(Config, _apply_preset(raw), "")
+    config = _build_config(_apply_preset(raw))
     config.validate()
     return config
 
@@ -273,7 +252,38 @@ def options_from(cls, items: list[str], where: str):
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    """As a config file writes it: each loss term's section at the top level, each data source's keys in `data:`."""
+    raw = dataclasses.asdict(config)
+    raw["data"] = data_config.flat(raw["data"])
+    raw.update(raw.pop("losses"))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _build_config(raw: dict) -> Config:
+    """Config from a raw mapping, reading each registered loss term's section at the top level (`repa:`) and each
+    data source's keys in `data:`."""
+    raw = dict(raw)
+    losses = default_loss_sections()
+    for name, term in LOSS_TERMS.items():
+        if name in raw:
+            losses[name] = _build(term.config_class, raw.pop(name), name)
+    data = _build_data(raw.pop("data", None))
+    config = _build(Config, raw, "", nested="losses", registered=tuple(LOSS_TERMS))
+    config.losses, config.data = losses, data
+    return config
+
+
+def _build_data(raw) -> DataConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"data must be a mapping, got {raw!r}")
+    own, sections = data_config.split_keys(raw)
+    keys = tuple(key for source in DATA_SOURCES.values() for key in section_keys(source))
+    data = _build(DataConfig, own, "data", nested="sections", registered=keys)
+    for name, values in sections.items():
+        data.sections[name] = _build(DATA_SOURCES[name].config_class, values, "data")
+    return data
 
 
 def _apply_preset(raw: dict) -> dict:
@@ -303,17 +313,18 @@ def _set_dotted(raw: dict, key: str, value) -> None:
     node[leaf] = value
 
 
-def _build(cls, raw, where: str):
+def _build(cls, raw, where: str, nested: str = "", registered: tuple[str, ...] = ()):
+    """`nested`: a field filled by the caller from `registered` keys (loss sections, data sources' keys)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != nested}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"unknown config key {name!r} (known here: {', '.join(fields)})")
+        raise ConfigError(f"unknown config key {name!r} (known here: {', '.join([*fields, *registered])})")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)

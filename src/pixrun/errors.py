@@ -17,3 +17,8 @@ class WeightsMissingError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss stays non-finite); the message says why (exit code 1)."""
+
+
+class DataError(ConfigError):
+    """Data that cannot be trained on: an unreadable or foreign shard index, a set too small for one batch, shards
+    prepared with another encoder, an epoch of bad samples; the message says what to change (exit code 2)."""

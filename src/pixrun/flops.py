@@ -9,16 +9,16 @@ resizing, the loss arithmetic, the optimizer and EMA do not. Per part:
 - the denoiser trains: forward + backward to its weights and to the text states when the text tower trains
   (about 3× its forward);
 - the text encoder: forward + backward when it trains jointly, its forward when it is frozen;
-- LPIPS's VGG and P-DINO's ViT are frozen but differentiated through: forward on x̂₀ and on x₀, backward to x̂₀
-  without weight gradients (3× one forward, plus attention's products once more: their backward needs the
-  gradients of both operands);
-- REPA: its teacher's forward on x₀, and the projector's forward + backward on the tokens its block saw;
+- each loss term on at the step counts its own (`LossTerm.flops`): LPIPS's VGG and P-DINO's ViT are frozen but
+  differentiated through: forward on x̂₀ and on x₀, backward to x̂₀ without weight gradients (3× one forward, plus
+  attention's products once more: their backward needs the gradients of both operands); REPA: its teacher's
+  forward on x₀, and the projector's forward + backward on the tokens its block saw;
 - in latent space the denoiser and REPA's token grid are the latents' (resolution / the VAE's factor), and the
   frozen VAE counts where the step runs it: its encoder's forward on x₀ unless the latents come prepared, and its
   decoder's forward + backward to x̂₀ when LPIPS or P-DINO look at the decoded image.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -26,10 +26,8 @@ from transformers import PretrainedConfig
 
 from pixrun.config import Config
 from pixrun.latent import Autoencoder
-from pixrun.losses.dino import DinoFeatures, dino_config
-from pixrun.losses.lpips import LPIPS
-from pixrun.losses.pdino import PDino
-from pixrun.losses.repa import REPA
+from pixrun.losses import LOSS_TERMS, counted_flops
+from pixrun.losses.auxiliary import terms_on
 from pixrun.model import Denoiser, ModelConfig, RoutePlan, TokenRouting
 from pixrun.text import TextConfig, encoder_class
 
@@ -41,29 +39,21 @@ class FlopCount:
     denoiser_forward: int
     denoiser: int  # training: forward + backward
     text_encoder: int
-    lpips: int
-    pdino: int
-    repa: int  # teacher forward + projector training
     autoencoder: int = 0  # latent space: the frozen VAE's encode and decode, where the step runs them
+    terms: dict[str, int] = field(default_factory=dict)  # every registered loss term's (0 where it is off)
 
     @property
     def losses(self) -> int:
-        return self.lpips + self.pdino + self.repa
+        return sum(self.terms.values())
 
     @property
     def total(self) -> int:
         return self.denoiser + self.text_encoder + self.losses + self.autoencoder
 
     def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "losses": self.losses, "total": self.total}
-
-
-def counted_flops(run) -> int:
-    """The FLOPs torch counts while `run()` runs."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run()
-    return counter.get_total_flops()
+        return {"denoiser_forward": self.denoiser_forward, "denoiser": self.denoiser,
+                "text_encoder": self.text_encoder, **self.terms, "autoencoder": self.autoencoder,
+                "losses": self.losses, "total": self.total}
 
 
 def meta_denoiser(
@@ -112,41 +102,14 @@ def text_encoder_flops(text: TextConfig, encoder: PretrainedConfig, text_tokens:
         return counted_flops(lambda: model(input_ids=ids, attention_mask=mask))
 
 
-def perceptual_flops(loss: torch.nn.Module, resolution: int) -> int:
-    """A frozen perceptual loss on x̂₀ against x₀, backward to x̂₀."""
-    with torch.device("meta"):
-        x_hat = torch.empty(1, 3, resolution, resolution, requires_grad=True)
-        x0 = torch.empty(1, 3, resolution, resolution)
-    return counted_flops(lambda: loss(x_hat, x0).sum().backward())
-
-
-def repa_flops(config: Config, resolution: int, plan: RoutePlan | None, grid: int | None = None) -> int:
-    """The teacher on x₀ at the denoiser's token grid (`grid` per side; default: pixel patches), forward only, and
-    the projector trained on the tokens that reached block `repa.block` (all of them, or TREAD's kept ones)."""
-    c, model = config.repa, config.model
-    grid = grid or resolution // model.patch_size
-    kept = plan.tokens_at(c.block) if plan is not None else None
-    with torch.device("meta"):
-        teacher = DinoFeatures.from_config(dino_config(c.teacher, c.random_init, "repa.teacher", "repa.random_init"))
-        projector = REPA(model.width, teacher.dim, c.hidden)
-        x0 = torch.empty(1, 3, resolution, resolution)
-        tokens = torch.empty(1, grid * grid if kept is None else kept.shape[1], model.width, requires_grad=True)
-
-    def step():
-        with torch.no_grad():
-            target = teacher.grid_tokens(x0, (grid, grid))
-        projector(tokens, target, kept).sum().backward()
-
-    return counted_flops(step)
-
-
 def training_flops(
     config: Config, step: int, text_tokens: int, text_encoder: PretrainedConfig | None = None,
     autoencoder: Autoencoder | None = None, prepared_latents: bool = False,
 ) -> FlopCount:
     """FLOPs per image of training step `step` of `config`: at its stage's resolution, with the TREAD routing and
-    the losses that stage runs. `text_encoder`: the transformers config of the text tower's encoder, counted as
-    trained or frozen as `config.text` says; None leaves the tower uncounted (its states come precomputed).
+    the loss terms that stage runs at that step. `text_encoder`: the transformers config of the text tower's
+    encoder, counted as trained or frozen as `config.text` says; None leaves the tower uncounted (its states come
+    precomputed).
     `autoencoder`: the run's VAE in latent space (its encoder uncounted when the latents are `prepared_latents`)."""
     stage, _ = config.stage_at(step)
     resolution, trained_text = stage.resolution, config.text.trainable
@@ -154,31 +117,19 @@ def training_flops(
     routing = config.tread if stage.routes(config.tread) else None
     forward, training = denoiser_flops(config.model, grid_resolution, text_tokens, routing, trained_text)
 
-    def runs(name: str) -> bool:
-        return getattr(config, name).weight > 0 and stage.uses(name)
-
-    lpips = pdino = repa = 0
-    if runs("lpips"):
-        with torch.device("meta"):
-            network = LPIPS(config.lpips.downsample)
-        lpips = perceptual_flops(network, resolution)
-    if runs("pdino"):
-        p = config.pdino
-        with torch.device("meta"):
-            network = PDino(DinoFeatures.from_config(dino_config(p.source, p.random_init, "pdino.source",
-                                                                 "pdino.random_init")), p.size)
-        pdino = perceptual_flops(network, resolution)
-    if runs("repa") and config.repa.active(step):
-        plan = meta_denoiser(config.model, grid_resolution, routing)[1]
-        repa = repa_flops(config, resolution, plan, grid_resolution // config.model.patch_size)
+    on = terms_on(config.losses, stage, step)
+    grid = grid_resolution // config.model.patch_size
+    plan = meta_denoiser(config.model, grid_resolution, routing)[1] if on else None
+    terms = {name: LOSS_TERMS[name].flops(config.losses[name], config.model, resolution, grid, plan) if name in on
+             else 0 for name in config.losses}
     text = 0
     if text_encoder is not None:
         text = text_encoder_flops(config.text, text_encoder, text_tokens, trained_text)
     vae = 0
     if autoencoder is not None:
         vae = autoencoder_flops(autoencoder, resolution, encode=not prepared_latents,
-                                decode=runs("lpips") or runs("pdino"))
-    return FlopCount(forward, training, text, lpips, pdino, repa, vae)
+                                decode=any(LOSS_TERMS[name].compares_images for name in on))
+    return FlopCount(forward, training, text, vae, terms)
 
 
 def autoencoder_flops(autoencoder: Autoencoder, resolution: int, encode: bool, decode: bool) -> int:

@@ -29,31 +29,25 @@ from torch.distributed.tensor import DTensor
 
 from pixrun.budget import EVENTS, BudgetPlan, Periodic, budget_seconds, format_duration
 from pixrun.checkpoint import Checkpointer, choose_resume, load_state
-from pixrun.config import Config, save_config
-from pixrun.data.source import (
-    HeldOut,
-    LocalBatch,
-    ShapesSource,
-    ShardSource,
-    read_captions,
-    read_held_out,
-)
+from pixrun.config import Config, StageConfig, save_config
+from pixrun.data.source import DATA_SOURCES, DataSource, HeldOut, LocalBatch
 from pixrun.errors import ConfigError, TrainingError
 from pixrun.latent import Autoencoder
 from pixrun.logger import RunLogger, save_grid
+from pixrun.losses import LossInputs
 from pixrun.losses.auxiliary import AuxiliaryLosses
 from pixrun.metrics import (
+    ReferenceImages,
+    folder_reference,
     generate_images,
     load_networks,
     mse_by_t,
     quality_metrics,
-    shapes_quality_metrics,
-    shapes_reference,
 )
-from pixrun.model import count_parameters
+from pixrun.model import RoutePlan, count_parameters
 from pixrun.optim import EMA, build_optimizer, set_lr
 from pixrun.parallel import StopVote, device_mesh, parallelize, resolve_strategy, shard_copy
-from pixrun.pipeline import Pipeline, build_pipeline, build_world, load_run_config, to_uint8
+from pixrun.pipeline import Pipeline, build_pipeline, load_run_config, to_uint8
 from pixrun.pretrained import load_init_weights, resolve_init
 from pixrun.runtime import World, attention_context, close_world, compute_context, init_world, uses_bf16
 from pixrun.text import TextTower, pad_states
@@ -69,12 +63,9 @@ def sample_seed(seed: int, step: int, row: int, stream: int = NOISE) -> int:
 
 
 def tokenizer_captions(config: Config) -> list[str]:
-    """What the small text encoder's tokenizer is learnt from: the shapes world's words (each word one token), or
-    the caption sample `pixrun data prepare` wrote beside every stage's shards."""
-    if config.data.source == "shapes":
-        return build_world(config).vocabulary()
-    indexes = dict.fromkeys(stage.shards or config.data.shards for stage in config.stage_plan())
-    return [caption for index in indexes for caption in read_captions(index, config.data.shard_url)]
+    """What the small text encoder's tokenizer is learnt from, as the run's data source says: the shapes world's
+    words (each word one token), the caption sample `pixrun data prepare` wrote beside every stage's shards, ..."""
+    return DATA_SOURCES[config.data.source].tokenizer_captions(config)
 
 
 def start_pipeline(config: Config, checkpoint: Path | None, world: World) -> Pipeline:
@@ -120,7 +111,7 @@ class TrainState:
     ema_trained: nn.ModuleDict
     optimizer: torch.optim.Optimizer
     ema: EMA
-    source: ShapesSource | ShardSource
+    source: DataSource
     encode_text: TextTower | TextCache  # a frozen tower's states may come from the embedding cache
     strategy: str  # ddp | fsdp | hsdp | single
     nonfinite_total: torch.Tensor  # device-side counters: read on logging steps only
@@ -143,7 +134,7 @@ def build_state(config: Config, world: World, device: torch.device, pipeline: Pi
     text = pipeline.text_tower
     source = build_source(config, world, text, pin_memory=device.type == "cuda", autoencoder=pipeline.autoencoder)
     bf16 = uses_bf16(device, config.train.precision)
-    aux = AuxiliaryLosses(config, config.model.width, device)
+    aux = AuxiliaryLosses(config.losses, config.model.width, device)
     trained = {**pipeline.trained_modules(), **aux.trainable()}
     # The EMA weights live in a copy of the trained modules, sharded like them: generation runs on every rank
     # with one block gathered at a time, and no rank ever holds the whole EMA.
@@ -180,69 +171,103 @@ def build_state(config: Config, world: World, device: torch.device, pipeline: Pi
     )
 
 
+@dataclass
+class StepInputs:
+    """What one step draws for this rank's rows of its global batch: the data and every random choice."""
+
+    stage: StageConfig
+    batch: LocalBatch
+    has_rows: bool  # False: every sample was bad, and `batch` is a stand-in row weighted 0
+    images: torch.Tensor  # the real images on the device, [-1, 1]
+    x0: torch.Tensor  # what the flow runs on: the images, or their latents
+    t: torch.Tensor
+    eps: torch.Tensor
+    x_t: torch.Tensor
+    dropped: list[bool]  # captions replaced by the empty prompt
+    routing: RoutePlan | None  # TREAD's plan; None: not routed in this stage
+
+
 def train_step(state: TrainState, step: int) -> dict[str, torch.Tensor]:
     """One optimisation step on this rank's part of global batch `step`; returns its figures as device tensors
     (loss, each loss term, grad norm). Nothing here waits for the device."""
-    config, tc, device, world = state.config, state.config.train, state.device, state.world
-    denoiser, flow = state.pipeline.denoiser, state.pipeline.flow
-    state.lr = set_lr(state.optimizer, step, config.optim, tc.steps)
-    stage, stage_start = config.stage_at(step)
-    batch = state.source.batch(step, stage, stage_start)
-    has_rows = len(batch.captions) > 0
-    if not has_rows:  # every sample was bad: a stand-in row keeps this rank in the collectives, weighted 0
-        batch = LocalBatch(torch.zeros(1, 3, stage.resolution, stage.resolution, dtype=torch.uint8), [""])
-    first = world.rank * (stage.batch_size // world.size)
-    rows = [first + row for row in (batch.rows or range(len(batch.captions)))]  # rows in the global batch
-    generators = [torch.Generator(device).manual_seed(sample_seed(tc.seed, step, row)) for row in rows]
-    # drawn on the host (which captions to tokenise is decided there), from the sample's own stream
-    dropped = [random.Random(sample_seed(tc.seed, step, row, DROPOUT)).random() < config.flow.caption_dropout
-               for row in rows]
-    images = batch.images_on(device)
-    autoencoder = state.pipeline.autoencoder
-    x0 = images if autoencoder is None else latents_of(autoencoder, batch, images)  # what the flow runs on
-    t = torch.cat([flow.sample_t(1, g) for g in generators])
-    eps = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in generators])
-    plan = None
-    if stage.routes(config.tread):  # drawn last: the other draws stay
-        p = config.model.patch_size
-        tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
-        plan = denoiser.plan_routing(config.tread, tokens, generators, device)
-    x_t = flow.add_noise(x0, eps, t)
-    with compute_context(device, tc.precision):
-        txt, mask = text_states(state, batch, dropped)
-        repa_block = state.aux.repa_block(stage, step)
-        pred = denoiser(x_t, t, txt, mask, routing=plan, hidden_at=repa_block)
-        pred, hidden = pred if repa_block is not None else (pred, None)
-        x0_hat = flow.to_x0(pred.float(), x_t, t)
-        pixels_per_token = config.model.patch_size
-        if autoencoder is not None:  # the auxiliary losses compare images: decoded x̂₀ with the real ones
-            pixels_per_token *= autoencoder.factor
-            if state.aux.compares_images(stage):
-                x0_hat = autoencoder.decode(x0_hat)
-        terms = state.aux(x0_hat, images, t, plan, stage, step, pixels_per_token, hidden)
-    flow_loss = flow.loss(pred.float(), x0, eps, x_t, t)
+    state.lr = set_lr(state.optimizer, step, state.config.optim, state.config.train.steps)
+    inputs = draw_inputs(state, step)
+    flow_loss, terms = compute_losses(state, inputs, step)
     loss = flow_loss + sum(terms.values())
-    if not has_rows:
+    if not inputs.has_rows:
         loss = loss * 0.0
-    state.optimizer.zero_grad(set_to_none=True)
-    with attention_context(device):
-        loss.backward()
-    params = state.params
-    grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), config.optim.grad_clip)
-    if isinstance(grad_norm, DTensor):  # already reduced over ranks: every rank decides the same way
-        grad_norm = grad_norm.full_tensor()
-    finite = torch.isfinite(grad_norm)
-    apply = finite & world.all_true(torch.full((), has_rows, device=device))
-    state.optimizer.step(apply=apply)
-    state.ema.update(step, apply)
-    state.nonfinite_total += (~finite).long()
-    state.nonfinite_in_row = (state.nonfinite_in_row + 1) * (~finite).long()
+    grad_norm = apply_update(state, step, loss, inputs.has_rows)
     return {
         "loss": loss.detach(),
         "flow_loss": flow_loss.detach(),
         **{k: v.detach() for k, v in terms.items()},
         "grad_norm": grad_norm.detach(),
     }
+
+
+def draw_inputs(state: TrainState, step: int) -> StepInputs:
+    """The batch and its draws: t, noise and routing from each row's device generator, in that order, and caption
+    dropout from its host stream (see the module docstring)."""
+    config, device = state.config, state.device
+    stage, stage_start = config.stage_at(step)
+    batch = state.source.batch(step, stage, stage_start)
+    has_rows = len(batch.captions) > 0
+    if not has_rows:  # every sample was bad: a stand-in row keeps this rank in the collectives, weighted 0
+        batch = LocalBatch(torch.zeros(1, 3, stage.resolution, stage.resolution, dtype=torch.uint8), [""])
+    first = state.world.rank * (stage.batch_size // state.world.size)
+    rows = [first + row for row in (batch.rows or range(len(batch.captions)))]  # rows in the global batch
+    generators = [torch.Generator(device).manual_seed(sample_seed(config.train.seed, step, row)) for row in rows]
+    # drawn on the host (which captions to tokenise is decided there), from the sample's own stream
+    dropped = [random.Random(sample_seed(config.train.seed, step, row, DROPOUT)).random() < config.flow.caption_dropout
+               for row in rows]
+    images = batch.images_on(device)
+    autoencoder, flow = state.pipeline.autoencoder, state.pipeline.flow
+    x0 = images if autoencoder is None else latents_of(autoencoder, batch, images)  # what the flow runs on
+    t = torch.cat([flow.sample_t(1, g) for g in generators])
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in generators])
+    routing = None
+    if stage.routes(config.tread):  # drawn last: the other draws stay
+        p = config.model.patch_size
+        tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
+        routing = state.pipeline.denoiser.plan_routing(config.tread, tokens, generators, device)
+    return StepInputs(stage, batch, has_rows, images, x0, t, eps, flow.add_noise(x0, eps, t), dropped, routing)
+
+
+def compute_losses(state: TrainState, inputs: StepInputs, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The flow loss and each loss term on at this step (weighted), from one forward pass of the denoiser."""
+    config, flow, autoencoder = state.config, state.pipeline.flow, state.pipeline.autoencoder
+    t, x_t, stage = inputs.t, inputs.x_t, inputs.stage
+    with compute_context(state.device, config.train.precision):
+        txt, mask = text_states(state, inputs.batch, inputs.dropped)
+        block = state.aux.hidden_block(stage, step)
+        pred = state.pipeline.denoiser(x_t, t, txt, mask, routing=inputs.routing, hidden_at=block)
+        pred, hidden = pred if block is not None else (pred, None)
+        x0_hat = flow.to_x0(pred.float(), x_t, t)
+        pixels_per_token = config.model.patch_size
+        if autoencoder is not None:  # the loss terms compare images: decoded x̂₀ with the real ones
+            pixels_per_token *= autoencoder.factor
+            if state.aux.compares_images(stage, step):
+                x0_hat = autoencoder.decode(x0_hat)
+        terms = state.aux(LossInputs(x0_hat, inputs.images, t, step, pixels_per_token, inputs.routing, hidden), stage)
+    return flow.loss(pred.float(), inputs.x0, inputs.eps, x_t, t), terms
+
+
+def apply_update(state: TrainState, step: int, loss: torch.Tensor, has_rows: bool) -> torch.Tensor:
+    """Backward, gradient clipping, the optimizer and EMA steps (skipped on the device when the gradient is not
+    finite or no rank has rows), and the non-finite counters; returns the gradient norm before clipping."""
+    state.optimizer.zero_grad(set_to_none=True)
+    with attention_context(state.device):
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.params.values(), state.config.optim.grad_clip)
+    if isinstance(grad_norm, DTensor):  # already reduced over ranks: every rank decides the same way
+        grad_norm = grad_norm.full_tensor()
+    finite = torch.isfinite(grad_norm)
+    apply = finite & state.world.all_true(torch.full((), has_rows, device=state.device))
+    state.optimizer.step(apply=apply)
+    state.ema.update(step, apply)
+    state.nonfinite_total += (~finite).long()
+    state.nonfinite_in_row = (state.nonfinite_in_row + 1) * (~finite).long()
+    return grad_norm
 
 
 def latents_of(autoencoder: Autoencoder, batch: LocalBatch, images: torch.Tensor) -> torch.Tensor:
@@ -417,41 +442,33 @@ class Trainer:
         return written
 
     def held_out(self, step: int, count: int) -> HeldOut | None:
-        """Up to `count` held-out samples of the prepared shards of step `step`'s stage, at its resolution; None
-        for the shapes world."""
-        d = self.config.data
-        if d.source != "shards":
-            return None
-        stage = self.config.stage_at(step - 1)[0]
-        return read_held_out(stage.shards or d.shards, stage.resolution, count, d.shard_url)
+        """Up to `count` held-out samples to lead the rows of step `step`'s sample grid, at its stage's resolution;
+        None when the data source has none to show (the grid shows sample.grid_prompts)."""
+        return self.state.source.grid_samples(self.config.stage_at(step - 1)[0], count)
 
     def measure(self, step: int, logger: RunLogger | None) -> None:
-        """The configured metrics of EMA samples (FID/KID/CMMD/DINO-MMD; CLIPScore/PickScore against their captions) and the MSE of x0 by t, on a held-out sample (the shapes world's,
-        or the prepared shards' held-out samples and their captions), at the stage's resolution; the images are
-        generated and denoised in parts by every rank, scored on rank 0."""
+        """The configured metrics of EMA samples (FID/KID/CMMD/DINO-MMD against the data source's held-out sample
+        or metrics.reference's folder; CLIPScore/PickScore against their captions) and the MSE of x0 by t, on the
+        source's held-out sample at the stage's resolution; the images are generated and denoised in parts by
+        every rank, scored on rank 0."""
         config = self.config.metrics
-        resolution = self.config.stage_at(step - 1)[0].resolution
-        held_out = self.held_out(step, config.num_images)
-        if held_out is not None and len(held_out) < 2:  # too few to score (KID needs two)
+        stage = self.config.stage_at(step - 1)[0]
+        held_out = self.state.source.held_out(stage, config.num_images, config.seed)
+        if len(held_out) < 2:  # too few to score (KID needs two)
             if self.world.is_main:
-                print(f"pixrun: step {step}: no metrics: the shards hold {len(held_out)} held-out samples "
-                      "(prepare them with heldout=N)")
+                print(f"pixrun: step {step}: no metrics: data source {self.config.data.source!r} holds "
+                      f"{len(held_out)} held-out samples (prepared shards: prepare them with heldout=N)")
             return
         with self.timed("metrics"):
             if self.metric_networks is None and self.world.is_main:
                 self.metric_networks = load_networks(config, self.device)
-            if held_out is None:
-                shapes_world = build_world(self.config)
-                scores = shapes_quality_metrics(self.state.ema_pipeline, shapes_world, config, self.metric_networks,
-                                                self.world, resolution)
-                shapes = shapes_reference(shapes_world, resolution, config.num_images, config.seed)
-                images, captions = shapes.load(), shapes.captions
-            else:
-                images, captions = held_out.floats(), held_out.captions
-                generated = generate_images(self.state.ema_pipeline, captions, config.seed, config.batch_size, self.world,
-                                            resolution)
-                scores = {} if generated is None else quality_metrics(generated, images, config,
-                                                                      self.metric_networks, captions)
+            images, captions = held_out.floats(), held_out.captions
+            generated = generate_images(self.state.ema_pipeline, captions, config.seed, config.batch_size, self.world,
+                                        stage.resolution)
+            reference = (ReferenceImages(lambda: images, held_out.description, captions) if config.reference == "shapes"
+                         else folder_reference(config.reference, config.num_images, stage.resolution))
+            scores = {} if generated is None else quality_metrics(generated, reference, config,
+                                                                  self.metric_networks, captions)
             errors = mse_by_t(self.state.ema_pipeline, images, captions, seed=config.seed, world=self.world)
         if logger is not None:
             logger.record("quality", {**scores, **errors}, step)
@@ -570,20 +587,10 @@ class Trainer:
 
 
 def build_source(config: Config, world: World, text_tower: TextTower | None = None, pin_memory: bool = False,
-                 autoencoder: Autoencoder | None = None):
-    """The run's data source. With shards, a frozen `text_tower` is checked against the one that made the
-    embeddings they carry, and in latent space the `autoencoder` against the one that made their latents (which
-    they must carry); `pin_memory` for a CUDA device."""
-    d = config.data
-    if d.source == "shapes":
-        return ShapesSource(build_world(config), config.train.seed, world.rank, world.size, pin_memory=pin_memory)
-    frozen = text_tower is not None and not text_tower.trainable
-    return ShardSource(
-        d.shards, config.train.seed, world.rank, world.size, d.num_workers, d.shuffle_shards, d.shard_url,
-        stages=config.stage_plan(), partitions=d.partitions, pin_memory=pin_memory,
-        text_encoder=text_tower.identity() if frozen else None,
-        autoencoder=autoencoder.identity() if autoencoder is not None else None,
-    )
+                 autoencoder: Autoencoder | None = None) -> DataSource:
+    """The run's data source (`data.source`), on this rank. A source whose data carries a frozen `text_tower`'s
+    embeddings or the `autoencoder`'s latents checks them against these; `pin_memory` for a CUDA device."""
+    return DATA_SOURCES[config.data.source].build(config, world, text_tower, autoencoder, pin_memory)
 
 
 def train(config: Config, resume: str | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""The shapes world: an endless, seeded stream of captioned scenes of flat-coloured shapes.
+"""The shapes world: an endless, seeded stream of captioned scenes of flat-coloured shapes, and the data source
+that trains on it (`data.source: shapes`, the default).
 
 Captions follow the six GenEval task templates, so a model trained here can be scored with
 GenEval's rules by pixrun.evaluate. Scene layout lives in relative coordinates ([0, 1], y down),
@@ -8,11 +9,14 @@ so the same scene renders at any resolution.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from pixrun.data.source import DataSource, HeldOut, LocalBatch, register_source
+from pixrun.errors import ConfigError
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -317,3 +321,59 @@ class ShapesWorld:
             else:
                 return sizes, centres
         raise RuntimeError(f"could not lay out {count} objects; the frame is too crowded")
+
+
+@dataclass
+class ShapesConfig:
+    kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
+    colors: list[str] = field(default_factory=lambda: list(DEFAULT_COLORS))
+    heldout: list[str] = field(default_factory=lambda: ["purple triangle", "orange circle"])  # never trained on
+    task_weights: dict[str, float] | None = None  # None: the six tasks equally
+
+    def validate(self, config) -> None:
+        self.world()
+
+    def world(self) -> ShapesWorld:
+        try:
+            return ShapesWorld(kinds=self.kinds, colors=self.colors, heldout=self.heldout,
+                               task_weights=self.task_weights)
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from None
+
+
+@register_source
+class ShapesSource(DataSource):
+    """The built-in world: nothing to read and nothing to save; a row's scene depends on (seed, step, row) alone."""
+
+    name = "shapes"
+    config_class = ShapesConfig
+
+    def __init__(self, world: ShapesWorld, seed: int, rank: int, world_size: int, *, pin_memory: bool = False):
+        self.world, self.seed, self.rank, self.world_size, self.pin_memory = world, seed, rank, world_size, pin_memory
+
+    @classmethod
+    def build(cls, config, world, text_tower=None, autoencoder=None, pin_memory: bool = False) -> ShapesSource:
+        return cls(config.data.section.world(), config.train.seed, world.rank, world.size, pin_memory=pin_memory)
+
+    @classmethod
+    def tokenizer_captions(cls, config) -> list[str]:
+        """The world's words, each one token."""
+        return config.data.section.world().vocabulary()
+
+    def batch(self, step: int, stage, stage_start: int) -> LocalBatch:
+        """Each rank draws and renders only its own rows."""
+        per_rank = stage.batch_size // self.world_size
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        images, captions = self.world.batch(self.seed, step, stage.batch_size, stage.resolution, rows=mine)
+        return LocalBatch(images.pin_memory() if self.pin_memory else images, captions)
+
+    def held_out(self, stage, count: int, seed: int) -> HeldOut:
+        """`count` scenes drawn as in training (held-out pairs never shown), scene i from (seed, i) alone."""
+        world, resolution = self.world, stage.resolution
+        scenes = [world.sample_scene(np.random.default_rng([seed, i])) for i in range(count)]
+        images = np.stack([world.render(scene, resolution) for scene in scenes]).transpose(0, 3, 1, 2)
+        # as pixrun.metrics.reference.shapes_reference names the same scenes: they share cached features
+        description = {"source": "shapes", "kinds": world.kinds, "colors": world.colors, "heldout": world.heldout,
+                       "task_weights": world.task_weights, "resolution": resolution, "count": count, "seed": seed}
+        return HeldOut(torch.from_numpy(np.ascontiguousarray(images)), [s.caption for s in scenes],
+                       [f"scene_{i}" for i in range(count)], description)

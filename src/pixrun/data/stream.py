@@ -7,27 +7,27 @@
         batch.embeddings            # list of b float16 tensors (tokens, dim), or None when not prepared
         batch.latents               # list of b float16 tensors (C, H / factor, W / factor), when asked for
 
-The plan, MosaicML Streaming's "canonical nodes": the index's shards are dealt, once and for all, into K
-canonical partitions (`partitions`), bucket by bucket, so that every partition holds about as many samples of each
-bucket (largest shard first, to the partition holding fewest so far). Every global batch B is one bucket's and
-takes B/K samples from every partition: partition p fills rows [p·B/K, (p+1)·B/K) of it. Rank r of N serves the
-contiguous partitions [r·K/N, (r+1)·K/N), which are rows [r·B/N, (r+1)·B/N), and reads only their shards. So for
-any N that divides K, global batch k holds the same samples in the same rows.
+The plan, MosaicML Streaming's "canonical nodes": each bucket's samples, in index order (shard after shard), are
+cut once and for all into K canonical partitions (`partitions`) of consecutive samples, as equal as can be; a
+partition may begin or end inside a shard, so any set with at least one global batch per bucket trains, however
+few shards it has. Every global batch B is one bucket's and takes B/K samples from every partition: partition p
+fills rows [p·B/K, (p+1)·B/K) of it. Rank r of N serves the contiguous partitions [r·K/N, (r+1)·K/N), which are
+rows [r·B/N, (r+1)·B/N), and reads only the shards they lie in (its 1/N of each bucket, plus at most a shard at
+each end). So for any N that divides K, global batch k holds the same samples in the same rows.
 
-An epoch, planned from the index alone: within each partition and bucket the shards are shuffled (seed, epoch,
-partition, bucket), taken in groups of `shuffle_shards`, and the samples of each group shuffled; the sequence is
-cut into pieces of B/K. A bucket gives as many global batches as its smallest partition gives pieces (what the
-others have left over waits for another epoch's shuffle; a bucket with fewer shards than partitions gives none),
-and the buckets' batches are interleaved in an order seeded by (seed, epoch): at step k every rank holds the same
-bucket. Each epoch has len(stream) steps, so step k of the stream is step k % len(stream) of epoch
-k // len(stream): the position is the step, and `batches(start)` starts anywhere, reading only the shuffle groups
-it still uses.
+An epoch, planned from the index alone: within each partition and bucket its pieces of shards are shuffled (seed,
+epoch, partition, bucket), taken in groups of `shuffle_shards`, and the samples of each group shuffled; the
+sequence is cut into pieces of B/K. A bucket gives as many global batches as its smallest partition gives pieces
+(a bucket with fewer samples than one global batch gives none), and the buckets' batches are interleaved in an
+order seeded by (seed, epoch): at step k every rank holds the same bucket. Each epoch has len(stream) steps, so
+step k of the stream is step k % len(stream) of epoch k // len(stream): the position is the step, and
+`batches(start)` starts anywhere, reading only the shuffle groups it still uses.
 
 Reading: the rank's shards are dealt between its DataLoader workers (largest first, to the least loaded), so each
 shard is read once per rank per epoch, by one worker, which keeps the samples the rank uses and drops them once
 used. At every step each worker decodes the rows of the rank's batch that lie in its shards into a uint8 piece;
 the DataLoader hands the pieces out round-robin, one per worker, and they are put back in row order: the batch
-does not depend on num_workers. A rank holds about K/N × buckets × shuffle_shards shards' samples at most.
+does not depend on num_workers. A rank holds about K/N × buckets × (shuffle_shards + 1) shards' samples at most.
 
 Precomputed text embeddings: the index records the identity of the encoder that made them
 (TextTower.identity()); a stream given the identity of the encoder training uses refuses another's. Everything
@@ -47,7 +47,8 @@ A sample that cannot be used (corrupt image, truncated or corrupt tar member, mi
 its batch, counted in `skipped` (reason -> count) and logged. Its batch then holds fewer rows; when every sample
 of a rank's batch is bad it holds none (len(batch) == 0) and the training loop should skip that update but still
 count the step, so that ranks stay in step. An index without enough samples for one batch, or an epoch in which
-every sample was bad, raises EmptyDatasetError.
+every sample was bad, raises EmptyDatasetError. Every error about the data is a pixrun.errors.DataError: one line,
+exit code 2 from the command line.
 """
 
 import heapq
@@ -59,7 +60,7 @@ import posixpath
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,6 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
 from pixrun.data.buckets import parse_bucket
+from pixrun.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +82,11 @@ ENCODER_NAMING = ("encoder", "encoder_class", "subfolder", "tokenizer_subfolder"
 AUTOENCODER_NAMING = ("vae", "subfolder")
 
 
-class EmptyDatasetError(ValueError):
-    pass
+class EmptyDatasetError(DataError):
+    """No batch to be had: too few samples, or every sample of an epoch bad."""
 
 
-class PlanError(ValueError):
+class PlanError(DataError):
     """The stream cannot be planned as asked (partitions against world size or batch, another text encoder's
     embeddings, latents missing or made by another autoencoder, a saved position of another plan)."""
 
@@ -208,6 +210,8 @@ class ShardIndex:
     embeddings: bool
     text_encoder: dict | None  # TextTower.identity() of the encoder that made the embeddings
     autoencoder: dict | None = None  # Autoencoder.identity() of the one that made the latents; None: no latents
+    heldout: list[Shard] = field(default_factory=list)  # the samples kept out of training
+    captions: str | None = None  # where the caption sample for the small encoder's tokenizer is; None: not written
 
 
 @dataclass
@@ -224,24 +228,34 @@ class Batch:
         return len(self.captions)
 
 
-def load_index(index: str, shard_url: str | None = None) -> ShardIndex:
-    """The index at `index` (a prepared folder, its index.json, or any URL gopen reads). Shard paths are relative
-    to the index, or filled into shard_url ("{path}")."""
+def read_index(index: str, shard_url: str | None = None) -> ShardIndex:
+    """The index at `index` (a prepared folder, its index.json, or any URL gopen reads); DataError, one line, when it
+    cannot be read or is not a pixrun shard index. The paths it lists are relative to it, or filled into shard_url
+    ("{path}")."""
     location = index if index.endswith(".json") else posixpath.join(index, INDEX_NAME)
-    with gopen(location, "rb") as stream:
-        data = json.load(stream)
-    if data.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{location} is not a pixrun shard index (format {data.get('format')!r})")
+    try:
+        with gopen(location, "rb") as stream:
+            data = json.load(stream)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{location} cannot be read as a pixrun shard index: {error}".splitlines()[0]) from None
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise DataError(f"{location} is not a pixrun shard index (format {found!r}); make one with "
+                        "`pixrun data prepare`")
     base = posixpath.dirname(location)
-    shards = [
-        Shard(
-            shard_url.format(path=entry["path"]) if shard_url else posixpath.join(base, entry["path"]),
-            parse_bucket(entry["bucket"]),
-            entry["count"],
-        )
-        for entry in data["shards"]
-    ]
-    return ShardIndex(location, shards, bool(data.get("embeddings")), data.get("text_encoder"), data.get("autoencoder"))
+
+    def where(path: str) -> str:
+        return shard_url.format(path=path) if shard_url else posixpath.join(base, path)
+
+    try:
+        shards, heldout = ([Shard(where(entry["path"]), parse_bucket(entry["bucket"]), int(entry["count"]))
+                            for entry in data.get(kind, [])] for kind in ("shards", "heldout"))
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{location}: a shard entry is damaged ({error.__class__.__name__}: {error}); prepare the "
+                        "folder again") from None
+    captions = where(data["captions"]) if data.get("captions") else None
+    return ShardIndex(location, shards, bool(data.get("embeddings")), data.get("text_encoder"),
+                      data.get("autoencoder"), heldout, captions)
 
 
 def differing(recorded: dict, expected: dict, naming: tuple[str, ...]) -> tuple[str, str] | None:
@@ -311,13 +325,23 @@ class Plan:
         self.buckets = sorted({shard.bucket for shard in shards})
         counts = np.array([shard.count for shard in shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        owner = deal(shards, list(range(len(shards))), partitions)
-        self.members: dict[tuple[int, int], list[int]] = {}  # (partition, bucket number) -> shard ids
+        # (partition, bucket number) -> its pieces of shards: (shard id, first sample, end), global sample numbers
+        self.members: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         held = np.zeros((partitions, len(self.buckets)), dtype=np.int64)
-        for shard, partition in sorted(owner.items()):
-            bucket = self.buckets.index(shards[shard].bucket)
-            self.members.setdefault((partition, bucket), []).append(shard)
-            held[partition, bucket] += shards[shard].count
+        for bucket, size in enumerate(self.buckets):
+            ids = np.array([i for i, shard in enumerate(shards) if shard.bucket == size])
+            ends = np.cumsum(counts[ids])  # the bucket's samples numbered 0 .. n-1, shard after shard
+            starts = ends - counts[ids]
+            cuts = np.arange(partitions + 1) * int(ends[-1]) // partitions
+            for partition in range(partitions):
+                low, high = int(cuts[partition]), int(cuts[partition + 1])
+                held[partition, bucket] = high - low
+                pieces = []
+                for i in range(np.searchsorted(ends, low, side="right"), np.searchsorted(ends, high, side="left") + 1):
+                    if i < len(ids) and max(low, starts[i]) < min(high, ends[i]):
+                        shift = int(self.offsets[ids[i]] - starts[i])  # the bucket's numbering -> global numbers
+                        pieces.append((int(ids[i]), shift + max(low, int(starts[i])), shift + min(high, int(ends[i]))))
+                self.members[partition, bucket] = pieces
         self.batches = held.min(axis=0) // self.per_partition  # global batches of each bucket per epoch
 
     def __len__(self) -> int:
@@ -332,16 +356,22 @@ class Plan:
         """The samples (global numbers: shard offset + place) that `partition` gives the batches of bucket number
         `bucket` (one that has batches) in `epoch`, B/K per batch."""
         rng = np.random.default_rng([self.seed, epoch, partition, bucket])
-        ids = rng.permutation(np.array(self.members[partition, bucket]))
+        pieces = self.members[partition, bucket]
+        order = rng.permutation(len(pieces))
         groups = []
-        for g in range(0, len(ids), self.shuffle_shards):
-            group = [np.arange(self.offsets[s], self.offsets[s + 1]) for s in ids[g:g + self.shuffle_shards]]
+        for g in range(0, len(order), self.shuffle_shards):
+            group = [np.arange(*pieces[i][1:]) for i in order[g:g + self.shuffle_shards]]
             groups.append(rng.permutation(np.concatenate(group)))
         sequence = np.concatenate(groups)
         return sequence[:self.batches[bucket] * self.per_partition]
 
     def shard_of(self, numbers: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.offsets, numbers, side="right") - 1
+
+    def shards_of(self, partitions: range) -> list[int]:
+        """The shards that `partitions` read (those of buckets that give batches), each once."""
+        return list(dict.fromkeys(shard for (p, b), pieces in self.members.items()
+                                  if p in partitions and self.batches[b] for shard, _, _ in pieces))
 
 
 # Reading: one rank's rows, split between its DataLoader workers by shard.
@@ -562,7 +592,7 @@ class ShardStream:
         if global_batch_size % partitions:
             raise PlanError(f"the global batch ({global_batch_size}) must be a multiple of data.partitions "
                             f"({partitions}): every partition gives each batch as many samples")
-        self.index = load_index(str(index), shard_url)
+        self.index = read_index(str(index), shard_url)
         check_text_encoder(self.index, text_encoder)
         check_autoencoder(self.index, autoencoder)
         self.latents = (autoencoder["channels"], autoencoder["factor"]) if autoencoder is not None else None
@@ -570,24 +600,23 @@ class ShardStream:
         shards = self.index.shards
         self.plan = Plan(shards, global_batch_size, partitions, seed, shuffle_shards)
         self.fingerprint = {
-            "seed": seed, "global_batch_size": global_batch_size, "partitions": partitions,
+            "partitioning": "samples", "seed": seed, "global_batch_size": global_batch_size, "partitions": partitions,
             "shuffle_shards": shuffle_shards, "samples": sum(shard.count for shard in shards),
         }
         per_rank = partitions // world_size
         self.rank_partitions = range(rank * per_rank, (rank + 1) * per_rank)
         self.skipped: dict[str, int] = {}
-        per_bucket = {b: [s for s in shards if s.bucket == b] for b in self.plan.buckets}
+        per_bucket = {b: sum(s.count for s in shards if s.bucket == b) for b in self.plan.buckets}
         if len(self) == 0:
-            largest = max(per_bucket.values(), key=lambda s: sum(shard.count for shard in s), default=[])
             raise EmptyDatasetError(
-                f"{self.index.location} yields no batch: a batch takes {self.plan.per_partition} samples of one bucket "
-                f"from each of {partitions} partitions of whole shards, and its largest bucket holds "
-                f"{sum(s.count for s in largest)} samples in {len(largest)} shards; lower data.partitions"
+                f"{self.index.location} yields no batch: a global batch takes {global_batch_size} samples of one "
+                f"bucket (aspect ratio), and its largest bucket holds {max(per_bucket.values(), default=0)}; prepare "
+                "more images, or train with a smaller train.batch_size (a multiple of data.partitions)"
             )
         for bucket, batches in zip(self.plan.buckets, self.plan.batches):
             if not batches:
-                log.warning("%s: bucket %dx%d (%d shards) is too small for a batch from each of %d partitions; its "
-                            "samples are not used", self.index.location, *bucket, len(per_bucket[bucket]), partitions)
+                log.warning("%s: bucket %dx%d holds %d samples, fewer than one global batch (%d); its samples are "
+                            "not used", self.index.location, *bucket, per_bucket[bucket], global_batch_size)
 
     def __len__(self) -> int:
         """Steps per epoch (the same on every rank, in every epoch and for every world size)."""
@@ -596,8 +625,7 @@ class ShardStream:
     def batches(self, start: int = 0) -> Iterator[Batch]:
         """This rank's batches from step `start` of the stream on, endlessly; it reads only what it uses from there."""
         plan = self.plan
-        shards = [s for (p, b), ids in plan.members.items() if p in self.rank_partitions and plan.batches[b]
-                  for s in ids]
+        shards = plan.shards_of(self.rank_partitions)
         workers = min(self.num_workers, len(shards))
         owner = deal(plan.shards, shards, max(workers, 1))
         pieces = RankPieces(plan, self.rank_partitions, owner, start, self.latents)

@@ -1,16 +1,23 @@
 """Loss terms beside the flow loss: LPIPS and P-DINO on x̂₀, REPA on a block's tokens.
 
-Each lives in its own module with its own config; this file holds what they share: loading pretrained weights
-(a local file or a URL), the one-line error when they are absent, and the t-gate.
+Each lives in its own module with its own config section and registers itself here (`register_loss`); this file
+holds what they share: the registry and the term's interface (`LossTerm`, `LossConfig`, `LossInputs`), loading
+pretrained weights (a local file or a URL) with the one-line error when they are absent, the t-gate, and FLOP
+counting on the meta device.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from pixrun.errors import WeightsMissingError
+from pixrun.model import ModelConfig, RoutePlan
 
 
 def load_weights(source: str, what: str, config_key: str, random_key: str) -> dict[str, torch.Tensor]:
@@ -42,3 +49,107 @@ def load_weights(source: str, what: str, config_key: str, random_key: str) -> di
 def gated_mean(per_sample: torch.Tensor, t: torch.Tensor, max_t: float) -> torch.Tensor:
     """Batch mean of a per-sample loss, counted only where t <= max_t (t = 1 is pure noise); others count as 0."""
     return (per_sample * (t <= max_t).to(per_sample.dtype)).mean()
+
+
+def counted_flops(run) -> int:
+    """The FLOPs torch's FlopCounterMode counts while `run()` runs."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return counter.get_total_flops()
+
+
+def perceptual_flops(loss: nn.Module, resolution: int) -> int:
+    """A frozen perceptual loss on x̂₀ against x₀ for one resolution² image, backward to x̂₀, on the meta device."""
+    with torch.device("meta"):
+        x_hat = torch.empty(1, 3, resolution, resolution, requires_grad=True)
+        x0 = torch.empty(1, 3, resolution, resolution)
+    return counted_flops(lambda: loss(x_hat, x0).sum().backward())
+
+
+# The registry: every loss term beside the flow loss, by the name of its config section.
+
+
+@dataclass
+class LossConfig:
+    """What every loss term's config section has: its weight and its two gates, applied by AuxiliaryLosses."""
+
+    weight: float = 0.0  # λ; 0 switches the term off (it is not even built)
+    max_t: float = 1.0  # applied only where t <= max_t (t = 1 is noise); 1 = every noise level
+    until_step: int | None = None  # switched off from this step on; None: the whole run
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if not 0 < self.max_t <= 1:
+            raise ValueError(f"max_t must lie in (0, 1], got {self.max_t}")
+
+    def fits(self, model: ModelConfig) -> None:
+        """Raise ValueError when the term, switched on, cannot work with this denoiser."""
+
+    def active(self, step: int) -> bool:
+        return self.weight > 0 and (self.until_step is None or step < self.until_step)
+
+
+@dataclass
+class LossInputs:
+    """What a training step offers the loss terms (each takes what it declared it needs)."""
+
+    x0_hat: torch.Tensor  # the prediction as x̂₀; an image (decoded in latent space) when a term compares images
+    images: torch.Tensor  # the real images, (B, 3, H, W) in [-1, 1]
+    t: torch.Tensor  # (B,) noise levels
+    step: int
+    pixels_per_token: int  # image pixels per side of one denoiser token
+    routing: RoutePlan | None = None  # TREAD's plan of this step, None when not routed
+    hidden: torch.Tensor | None = None  # the output of the block the terms asked for (`LossTerm.hidden_block`)
+
+
+class LossTerm:
+    """One loss term: a file in `losses/` (or anywhere) with a subclass registered by `register_loss`.
+
+    It declares its config section (`name`, `config_class`: a LossConfig), whether it compares x̂₀ with the real
+    image as images (`compares_images`: in latent space x̂₀ is then decoded for it), and the denoiser block whose
+    output it needs (`hidden_block`); it builds its networks (`build`), gives its per-sample loss (`__call__`), its
+    trained modules (`trainable`: optimised, EMA'd and checkpointed with the model under their names) and its FLOPs
+    per image (`flops`). Weight, t-gate, step gate and per-stage switch are applied by AuxiliaryLosses."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[LossConfig]]
+    compares_images: ClassVar[bool] = False
+
+    def __init__(self, config: LossConfig):
+        self.config = config
+
+    @classmethod
+    def build(cls, config: LossConfig, width: int, device: torch.device, shared: dict) -> "LossTerm":
+        """The term with its networks on `device`; `width`: the denoiser's; `shared`: frozen networks other terms
+        built, by a key of their making (a term loading one another already loaded takes it from there)."""
+        raise NotImplementedError
+
+    def hidden_block(self) -> int | None:
+        """The denoiser block whose output this term needs in `LossInputs.hidden`; None: none."""
+        return None
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {}
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        """(B,) per-sample losses."""
+        raise NotImplementedError
+
+    @classmethod
+    def flops(cls, config: LossConfig, model: ModelConfig, resolution: int, grid: int, routing: RoutePlan | None) -> int:
+        """FLOPs per image of one training step (pixrun.flops's conventions), built on the meta device: the image is
+        resolution² pixels, the denoiser's token grid `grid` per side, `routing` TREAD's plan for one image."""
+        raise NotImplementedError
+
+
+LOSS_TERMS: dict[str, type[LossTerm]] = {}  # name -> term, in the order terms are built and summed
+
+
+def register_loss(term: type[LossTerm]) -> type[LossTerm]:
+    """Class decorator: `term` becomes available as config section `term.name` and stage switch."""
+    if term.name in LOSS_TERMS and LOSS_TERMS[term.name] is not term:
+        raise ValueError(f"a loss term named {term.name!r} is already registered")
+    LOSS_TERMS[term.name] = term
+    return term

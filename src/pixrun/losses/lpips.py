@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixrun.losses import load_weights
+from pixrun.losses import LossConfig, LossInputs, LossTerm, load_weights, perceptual_flops, register_loss
 from pixrun.losses.vgg import TAP_CHANNELS, VGG16_URL, VGG16Features
 
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -22,7 +22,7 @@ SCALE = (0.458, 0.448, 0.450)
 
 
 @dataclass
-class LPIPSConfig:
+class LPIPSConfig(LossConfig):
     weight: float = 0.0  # 0 switches it off; the recipe uses 0.1
     max_t: float = 1.0  # applied only where t <= max_t (t = 1 is noise); 1 = every noise level, PixelGen 0.7
     downsample: float = 0.5  # both images are resized by this factor before VGG (the recipe's 0.5x)
@@ -31,10 +31,9 @@ class LPIPSConfig:
     random_init: bool = False  # random VGG and uniform lin weights: tests / CPU demo only, results are meaningless
 
     def validate(self) -> None:
-        if self.weight < 0:
-            raise ValueError("lpips.weight must be >= 0")
+        super().validate()
         if not 0 < self.downsample <= 1:
-            raise ValueError("lpips.downsample must lie in (0, 1]")
+            raise ValueError("downsample must lie in (0, 1]")
 
 
 class Lin(nn.Module):
@@ -92,3 +91,29 @@ class LPIPS(nn.Module):
         # the 1x1 conv written as a weighted channel sum, so autocast leaves it in fp32
         weights = [lin.model[1].weight for lin in self.lins]
         return sum((w * (p - q).pow(2)).sum(1).mean((1, 2)) for w, p, q in zip(weights, pred, target))
+
+
+@register_loss
+class LPIPSTerm(LossTerm):
+    """LPIPS(x̂₀, x₀) per sample: x̂₀ as an image."""
+
+    name = "lpips"
+    config_class = LPIPSConfig
+    compares_images = True
+
+    def __init__(self, config: LPIPSConfig, network: LPIPS):
+        super().__init__(config)
+        self.network = network
+
+    @classmethod
+    def build(cls, config: LPIPSConfig, width: int, device: torch.device, shared: dict) -> "LPIPSTerm":
+        return cls(config, LPIPS.from_config(config).to(device))
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        return self.network(inputs.x0_hat, inputs.images)
+
+    @classmethod
+    def flops(cls, config: LPIPSConfig, model, resolution: int, grid: int, routing) -> int:
+        with torch.device("meta"):
+            network = LPIPS(config.downsample)
+        return perceptual_flops(network, resolution)

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixrun.errors import ConfigError
-from pixrun.losses.dino import DINO_HUB_ID, DinoFeatures
+from pixrun.losses import LossConfig, LossInputs, LossTerm, perceptual_flops, register_loss
+from pixrun.losses.dino import DINO_HUB_ID, DinoFeatures, dino_config
 
 
 @dataclass
-class PDinoConfig:
+class PDinoConfig(LossConfig):
     weight: float = 0.0  # 0 switches it off; the recipe uses 0.01
     max_t: float = 1.0  # applied only where t <= max_t (t = 1 is noise); 1 = every noise level, PixelGen 0.7
     size: int = 224  # both images are resized to size x size before DINO
@@ -25,10 +26,9 @@ class PDinoConfig:
     random_init: bool = False  # a tiny random ViT instead: tests / CPU demo only, results are meaningless
 
     def validate(self) -> None:
-        if self.weight < 0:
-            raise ValueError("pdino.weight must be >= 0")
+        super().validate()
         if self.size < 14:
-            raise ValueError("pdino.size must be at least one DINO patch (14 px)")
+            raise ValueError("size must be at least one DINO patch (14 px)")
 
 
 class PDino(nn.Module):
@@ -53,3 +53,35 @@ class PDino(nn.Module):
             target = self.dino(x0, size)
         pred = self.dino(x_hat, size)
         return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean(1)
+
+
+@register_loss
+class PDinoTerm(LossTerm):
+    """P-DINO(x̂₀, x₀) per sample: x̂₀ as an image; its DINO network is shared with REPA's teacher when both name
+    the same one."""
+
+    name = "pdino"
+    config_class = PDinoConfig
+    compares_images = True
+
+    def __init__(self, config: PDinoConfig, network: PDino):
+        super().__init__(config)
+        self.network = network
+
+    @classmethod
+    def build(cls, config: PDinoConfig, width: int, device: torch.device, shared: dict) -> "PDinoTerm":
+        key = ("dino", config.source, config.random_init)
+        network = PDino.from_config(config, dino=shared.get(key)).to(device)
+        shared[key] = network.dino
+        return cls(config, network)
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        return self.network(inputs.x0_hat, inputs.images)
+
+    @classmethod
+    def flops(cls, config: PDinoConfig, model, resolution: int, grid: int, routing) -> int:
+        with torch.device("meta"):
+            dino = DinoFeatures.from_config(dino_config(config.source, config.random_init, "pdino.source",
+                                                        "pdino.random_init"))
+            network = PDino(dino, config.size)
+        return perceptual_flops(network, resolution)

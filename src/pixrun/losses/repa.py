@@ -14,24 +14,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixrun.losses.dino import DINO_HUB_ID, DinoFeatures
+from pixrun.losses import LossConfig, LossInputs, LossTerm, counted_flops, register_loss
+from pixrun.losses.dino import DINO_HUB_ID, DinoFeatures, dino_config
+from pixrun.model import ModelConfig, RoutePlan
 
 
 @dataclass
-class REPAConfig:
+class REPAConfig(LossConfig):
     weight: float = 0.0  # λ; 0 switches it off; the recipe uses 0.5
     block: int = 7  # index into denoiser.blocks whose output is aligned (the recipe's "block 8")
-    until_step: int | None = None  # switched off from this step on; None: the whole run
     hidden: int = 2048  # projector width
     teacher: str = DINO_HUB_ID  # hub id or local directory of a DINOv2 (with or without registers) or DINOv3 ViT
     random_init: bool = False  # a tiny random ViT teacher: tests / CPU demo only, results are meaningless
 
     def validate(self) -> None:
-        if self.weight < 0 or self.block < 0 or self.hidden < 1:
-            raise ValueError("repa.weight and repa.block must be >= 0 and repa.hidden >= 1")
+        super().validate()
+        if self.block < 0 or self.hidden < 1:
+            raise ValueError("block must be >= 0 and hidden >= 1")
 
-    def active(self, step: int) -> bool:
-        return self.weight > 0 and (self.until_step is None or step < self.until_step)
+    def fits(self, model: ModelConfig) -> None:
+        if self.block >= model.depth:
+            raise ValueError(f"block {self.block} is not a block of a depth-{model.depth} model")
 
 
 def load_teacher(config: REPAConfig) -> DinoFeatures:
@@ -57,3 +60,57 @@ class REPA(nn.Module):
             teacher_tokens = teacher_tokens.gather(1, kept_index[..., None].expand(-1, -1, teacher_tokens.shape[-1]))
         projected = self.projector(tokens)
         return -F.cosine_similarity(projected.float(), teacher_tokens.float(), dim=-1).mean(1)
+
+
+@register_loss
+class REPATerm(LossTerm):
+    """REPA per sample on the output of block `repa.block`, against the teacher's tokens of the real image at the
+    denoiser's token grid; under TREAD, on the tokens the block kept. Its projector trains with the model."""
+
+    name = "repa"
+    config_class = REPAConfig
+
+    def __init__(self, config: REPAConfig, teacher: DinoFeatures, projector: REPA):
+        super().__init__(config)
+        self.teacher, self.projector = teacher, projector
+
+    @classmethod
+    def build(cls, config: REPAConfig, width: int, device: torch.device, shared: dict) -> "REPATerm":
+        key = ("dino", config.teacher, config.random_init)
+        if key not in shared:
+            shared[key] = load_teacher(config).to(device)
+        teacher = shared[key]
+        return cls(config, teacher, REPA(width, teacher.dim, config.hidden).to(device))
+
+    def hidden_block(self) -> int:
+        return self.config.block
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"repa_projector": self.projector}
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        x0, patch = inputs.images, inputs.pixels_per_token
+        with torch.no_grad():
+            target = self.teacher.grid_tokens(x0, (x0.shape[-2] // patch, x0.shape[-1] // patch))
+        kept = inputs.routing.tokens_at(self.config.block) if inputs.routing is not None else None
+        return self.projector(inputs.hidden, target, kept)
+
+    @classmethod
+    def flops(cls, config: REPAConfig, model: ModelConfig, resolution: int, grid: int,
+              routing: RoutePlan | None) -> int:
+        """The teacher on x₀ at the denoiser's token grid, forward only, and the projector trained on the tokens
+        that reached block `repa.block` (all of them, or TREAD's kept ones)."""
+        kept = routing.tokens_at(config.block) if routing is not None else None
+        with torch.device("meta"):
+            teacher = DinoFeatures.from_config(dino_config(config.teacher, config.random_init, "repa.teacher",
+                                                           "repa.random_init"))
+            projector = REPA(model.width, teacher.dim, config.hidden)
+            x0 = torch.empty(1, 3, resolution, resolution)
+            tokens = torch.empty(1, grid * grid if kept is None else kept.shape[1], model.width, requires_grad=True)
+
+        def step():
+            with torch.no_grad():
+                target = teacher.grid_tokens(x0, (grid, grid))
+            projector(tokens, target, kept).sum().backward()
+
+        return counted_flops(step)
