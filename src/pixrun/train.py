@@ -329,9 +329,8 @@ class Trainer:
 
     Around the state and its step function it keeps the run's course: the plan (the config's, or a budget's,
     which the controller replaces on logging steps), the events on their schedules (sample grids, metrics,
-    checkpoints), logging and stop signals. The config is resolved once, here (a pipeline to start from, a
-    resumed budget's stages), and never written to after. `clock` is what a budget measures time with (tests
-    inject one)."""
+    checkpoints), logging and stop signals. The config is resolved once, here (the pipeline `init` names), and
+    never written to after. `clock` is what a budget measures time with (tests inject one)."""
 
     def __init__(self, config: Config, resume: str | None = None, clock: Callable[[], float] = time.monotonic):
         started = clock()
