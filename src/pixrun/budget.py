@@ -136,7 +136,7 @@ class Plan:
             decay = cooldown_steps(optim, self.total)
             return 1.0 if decay == 0 else min(1.0, (self.total - step) / decay)
         start, level = self.decay_from
-        return level * min(1.0, (self.total - step) / (self.total - start))
+        return level * min(1.0, (self.total - step) / max(1, self.total - start))
 
     def lr_factor(self, step: int, optim: OptimConfig) -> float:
         """The learning rate at step `step`, as a factor of optim.lr (and optim.muon_lr)."""
