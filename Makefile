@@ -6,13 +6,22 @@ BIN := $(VENV)/bin
 # On a GPU machine, install the CUDA build of the same version into $(VENV) before `make`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install train test test-slow clean
+.PHONY: install install-test train test test-slow lint clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-train
+install-test: $(VENV)/.installed-test
 
-$(VENV)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+
+# What training needs: torch, then pixrun and its dependencies.
+$(VENV)/.installed-train: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# What the tests and the linter need besides: the test extras (pytest, diffusers, wandb, ruff).
+$(VENV)/.installed-test: $(VENV)/.installed-train
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
@@ -20,11 +29,14 @@ train: install
 	$(BIN)/pixrun train --resume auto $(ARGS)
 
 # The tests that fit in a few minutes; `make test-slow` runs the rest (multi-process, kill and restart tests).
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-slow: install
+test-slow: install-test
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -43,7 +43,7 @@ from pixrun.config import load_config
 from pixrun.flow import Flow
 from pixrun.model import Attention, Denoiser, ModelConfig, RoutePlan, count_parameters
 from pixrun.optim import build_optimizer
-from pixrun.parallel import parallelize
+from pixrun.parallel import device_mesh, parallelize, resolve_strategy
 from pixrun.runtime import World
 
 CONFIG = "configs/prx-speedrun.yaml"
@@ -106,7 +106,9 @@ def estimate(config, model_config: ModelConfig, resolution: int, batch: int, tex
     with torch.device("meta"):
         denoiser = Denoiser(model_config)
     run_as_on_cuda(denoiser)
-    parallelize(denoiser, [], parallel, world, DEVICE, bf16=True)
+    strategy = resolve_strategy(parallel, world)
+    parallelize(denoiser, [], parallel, strategy, DEVICE, bf16=True,
+                mesh=device_mesh(parallel, world, DEVICE) if strategy == "fsdp" else None)
     with FakeTensorMode(allow_non_fake_inputs=True):
         denoiser.to_empty(device=DEVICE)
         denoiser.train()

@@ -16,8 +16,9 @@ import torch
 
 from pixrun.config import load_config
 from pixrun.optim import build_optimizer
-from pixrun.pipeline import build_pipeline, build_world
+from pixrun.pipeline import Pipeline, build_world
 from pixrun.runtime import bf16_is_fast, compute_context
+from pixrun.text import TextTower
 
 WARMUP, MEASURED, ROUNDS = 3, 10, 3
 
@@ -35,7 +36,7 @@ def main(args: list[str]) -> None:
         torch.set_num_threads(config.train.threads)
     device = torch.device("cpu")
     world = build_world(config)
-    pipeline = build_pipeline(config, world.vocabulary())
+    pipeline = Pipeline.from_config(config, TextTower.build(config.text, world.vocabulary()))
     params = {f"{owner}.{name}": p for owner, module in pipeline.trained_modules().items()
               for name, p in module.named_parameters()}
     optimizer = build_optimizer(params, config.optim)

@@ -9,7 +9,7 @@ TINY_OVERRIDES = [
     "text.width=32", "text.depth=1", "text.heads=2",
     "train.batch_size=8", "train.log_every=1", "train.threads=1", "train.budget=", "optim.cooldown=0",
     "sample.steps=4", "sample.grid_seeds=1", "sample.grid_prompts=[a photo of a circle,a photo of a red square]",
-    "eval.prompts_per_task=2", "eval.images_per_prompt=1",
+    "eval.prompts_per_task=2", "eval.images_per_prompt=1", "eval.at_end=false",
 ]
 
 

@@ -7,10 +7,12 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from pixrun.checkpoint import SHARDED, ShardReader
 from tests.conftest import TINY_OVERRIDES
 
 # fp32 and AdamW, so that runs split over processes add up the same numbers as one process, within float
@@ -166,3 +168,28 @@ def image_folder(root: Path, count: int) -> Path:
         Image.fromarray(pixels).save(root / f"{i:03d}.jpg")
         (root / f"{i:03d}.txt").write_text(f"a photo of a {colors[i % 3]} {'circle' if i % 2 else 'square'}")
     return root
+
+
+def load_optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The optimizer state of a checkpoint as whole tensors ("{param}.{slot}"), read in one process."""
+    prefix = "optimizer."
+    with ShardReader(Path(path) / SHARDED) as shards:
+        return {key[len(prefix):]: shards.whole(key) for key in shards.names() if key.startswith(prefix)}
+
+
+@contextmanager
+def counting_whole_tensors():
+    """Counts the bytes of the whole tensors this process assembles from shards (rank 0 writing the whole
+    weights), in a one-item list."""
+    counted, assemble = [0], ShardReader.whole
+
+    def whole(reader, key):
+        tensor = assemble(reader, key)
+        counted[0] += tensor.nbytes
+        return tensor
+
+    ShardReader.whole = whole
+    try:
+        yield counted
+    finally:
+        ShardReader.whole = assemble

@@ -17,7 +17,8 @@ from pixrun.metrics import (
     shapes_reference,
 )
 from pixrun.metrics.alignment import build_alignment_network, clip_pixel_values
-from pixrun.pipeline import build_pipeline, build_world
+from pixrun.pipeline import Pipeline, build_world
+from pixrun.text import TextTower
 
 IMAGE_SIZE = 32
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a green cross", "an orange diamond above a tree"]
@@ -190,7 +191,8 @@ def test_shapes_quality_metrics_score_the_generated_images_against_their_prompts
     pipeline_config = tiny_config()
     torch.manual_seed(0)
     world = build_world(pipeline_config)
-    pipeline = build_pipeline(pipeline_config, world.vocabulary()).eval()
+    text_tower = TextTower.build(pipeline_config.text, world.vocabulary())
+    pipeline = Pipeline.from_config(pipeline_config, text_tower).eval()
     with torch.no_grad():  # the final layer starts at zero; random values make the images differ
         for p in pipeline.denoiser.final_layer.parameters():
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))

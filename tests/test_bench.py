@@ -124,14 +124,17 @@ def test_a_staged_config_is_timed_and_counted_in_the_stage_asked_for(monkeypatch
 
 def test_a_stage_shorter_than_the_bench_is_stretched_in_proportion():
     config = load_config(CONFIGS / "prx-speedrun.yaml")
-    assert stage_steps(config, 0, 15) == range(15)
-    assert stage_steps(config, 1, 20_000) == range(100_000, 120_000) and config.train.steps == 120_000
+    assert stage_steps(config, 0, 15) == (config, range(15))
+    assert stage_steps(config, 1, 20_000) == (config, range(100_000, 120_000))
     with pytest.raises(ConfigError, match="stages 0 to 1"):
         stage_steps(config, 2, 1)
     twin = load_config(CONFIGS / "prx-speedrun-cpu.yaml")  # stage 0: steps 0-5, REPA until 6; stage 1: 6-7
-    assert stage_steps(twin, 1, 5) == range(18, 23)  # 2 steps, 3 times over
-    assert [s.until_step for s in twin.stages] == [18, 24] and (twin.train.steps, twin.repa.until_step) == (24, 18)
-    assert twin.stage_at(22)[0] is twin.stages[1] and not twin.repa.active(18)
+    stretched, steps = stage_steps(twin, 1, 5)
+    assert steps == range(18, 23)  # 2 steps, 3 times over
+    assert [s.until_step for s in stretched.stages] == [18, 24]
+    assert (stretched.train.steps, stretched.repa.until_step) == (24, 18)
+    assert stretched.stage_at(22)[0] is stretched.stages[1] and not stretched.repa.active(18)
+    assert twin == load_config(CONFIGS / "prx-speedrun-cpu.yaml")  # the caller's config is left as it was
 
 
 @pytest.mark.slow

@@ -22,20 +22,41 @@ from torch.utils._pytree import tree_leaves
 from pixrun.checkpoint import (
     SHARDED,
     Checkpointer,
+    ModuleState,
+    OptimizerState,
+    TensorState,
     choose_resume,
     damage,
     latest_good_checkpoint,
     list_checkpoints,
-    load_optimizer_tensors,
     load_state,
     load_tensors,
 )
 from pixrun.config import ConfigError
 from pixrun.runtime import World
-from tests.helpers import free_port
+from tests.helpers import counting_whole_tensors, free_port, load_optimizer_tensors
 
 COUNTERS = {"ema_updates": 7, "nonfinite_steps": 2}
-STATE = {"data": {"epoch": 1, "position": 3}, "world_size": 2}
+STATE = {"data": {"epoch": 1, "position": 3}}
+
+
+class Record:
+    """An owner whose state is JSON, as the data source's and the budget's are."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = dict(state or {})
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+def registry(model, ema, optimizer, counters, data: Record) -> dict:
+    """The owners a run registers, with a stand-in for the data source."""
+    return {"model": ModuleState(model), "ema": ModuleState(ema), "optimizer": OptimizerState(model, optimizer),
+            "counters": TensorState(counters), "data": data}
 
 
 def tiny_model(seed: int) -> nn.ModuleDict:
@@ -116,8 +137,9 @@ def _save_on_two_ranks(rank: int, world_size: int, port: int, folder: str) -> No
         train_one_step(model, optimizer)
         counters = {name: torch.tensor(value) for name, value in COUNTERS.items()}
         run_dir = f"{folder}/run"
+        states = registry(model, ema, optimizer, counters, Record(STATE["data"]))
         with LargestPlainTensor() as spy:
-            Checkpointer(run_dir, model, ema, optimizer, world, keep=5).save(1, counters, STATE)
+            Checkpointer(run_dir, world, keep=5, states=states).save(1)
         expected = whole_state(model, ema, optimizer, counters)
         with LargestPlainTensor() as gathering:  # the spy sees a gather: it can catch one in the save above
             next(model.parameters()).full_tensor()
@@ -131,17 +153,18 @@ def _save_on_two_ranks(rank: int, world_size: int, port: int, folder: str) -> No
             return write(self, plan, planner)
 
         HuggingFaceStorageWriter.write_data = write_later
-        background = Checkpointer(run_dir, model, ema, optimizer, world, keep=5, async_save=True)
-        pending = background.save(2, counters, STATE)
-        listed_before_wait = [p.name for p in list_checkpoints(run_dir)]
-        with torch.no_grad():  # training goes on: the checkpoint keeps the values at save time
-            for p in [*model.parameters(), *ema.parameters()]:
-                p.add_(1.0)
-            counters["ema_updates"] += 1
-        trained_on.set()
-        assert background.wait() == pending
+        background = Checkpointer(run_dir, world, keep=5, states=states, async_save=True)
+        with counting_whole_tensors() as whole_bytes:
+            pending = background.save(2)
+            listed_before_wait = [p.name for p in list_checkpoints(run_dir)]
+            with torch.no_grad():  # training goes on: the checkpoint keeps the values at save time
+                for p in [*model.parameters(), *ema.parameters()]:
+                    p.add_(1.0)
+                counters["ema_updates"] += 1
+            trained_on.set()
+            assert background.wait() == pending
         report = {
-            "whole_tensor_bytes": background.whole_tensor_bytes, "largest_plain_numel": spy.numel,
+            "whole_tensor_bytes": whole_bytes[0], "largest_plain_numel": spy.numel,
             "gathered_numel": gathering.numel, "listed_before_wait": listed_before_wait, "pending": pending.name,
             "returned_before_writing": waited == [True],
         }
@@ -167,8 +190,9 @@ def _resume_on_four_ranks(rank: int, world_size: int, port: int, folder: str) ->
         model, ema, optimizer = build(1, world_size)
         counters = {name: torch.tensor(0) for name in COUNTERS}
         with LargestPlainTensor() as spy:
-            Checkpointer(f"{folder}/run", model, ema, optimizer, world, keep=5).load(path, counters)
             state = load_state(path)
+            Checkpointer(f"{folder}/run", world, keep=5,
+                         states=registry(model, ema, optimizer, counters, Record())).load(path, state)
         loaded = whole_state(model, ema, optimizer, counters)
         with open(f"{folder}/rank{rank}.json", "w") as f:
             json.dump({"refused": refused, "path": str(path), "state": state, "largest_plain_numel": spy.numel}, f)
@@ -251,13 +275,16 @@ def test_a_two_rank_checkpoint_loads_into_one_process(two_ranks, tmp_path):
     folder, _, expected = two_ranks
     model, ema, optimizer = build(1, 1)  # other values, no optimizer state: all must come from disk
     counters = {name: torch.tensor(0) for name in COUNTERS}
-    checkpointer = Checkpointer(tmp_path, model, ema, optimizer, World(), keep=1)
+    data = Record()
+    checkpointer = Checkpointer(tmp_path, World(), keep=1, states=registry(model, ema, optimizer, counters, data))
     path = list_checkpoints(folder / "run")[0]
-    checkpointer.load(path, counters)
     state = load_state(path)
+    with counting_whole_tensors() as whole_bytes:
+        checkpointer.load(path, state)
     assert state == {**STATE, "step": 1, "sharded_files": state["sharded_files"]}
+    assert data.state == STATE["data"]  # each owner takes back its own state
     assert_equal_tensors(whole_state(model, ema, optimizer, counters), expected)
-    assert checkpointer.whole_tensor_bytes == 0
+    assert whole_bytes[0] == 0
 
 
 def test_a_two_rank_checkpoint_loads_into_four_ranks_from_rank_0s_choice(two_ranks, tmp_path):

@@ -96,7 +96,8 @@ def test_shipped_configs_load_and_the_cpu_one_is_the_builtin_default():
     root = Path(__file__).parent.parent / "configs"
     for path in root.glob("*.yaml"):
         load_config(path)
-    assert load_config(root / "shapes-cpu.yaml") == Config()
+    assert load_config(root / "shapes-cpu.yaml") == load_config()  # what `pixrun train` runs without a file
+    assert load_config().train.budget == "12m" and Config().train.budget == ""  # a budget only when asked for
 
 
 def test_quality_metrics_geneval_folder_and_diffusers_export_from_the_command_line(capsys, tmp_path):

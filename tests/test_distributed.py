@@ -8,9 +8,17 @@ from functools import partial
 import pytest
 import torch
 
-from pixrun.checkpoint import list_checkpoints, load_optimizer_tensors, load_tensors
+from pixrun.checkpoint import list_checkpoints, load_tensors
 from pixrun.data.prepare import PrepareOptions, prepare_dataset
-from tests.helpers import image_folder, last_record_per_step, pixrun_command, run, tiny_t5, torchrun_command
+from tests.helpers import (
+    image_folder,
+    last_record_per_step,
+    load_optimizer_tensors,
+    pixrun_command,
+    run,
+    tiny_t5,
+    torchrun_command,
+)
 
 pytestmark = pytest.mark.slow
 STEPS = ["train.steps=20", "train.checkpoint_every=10", "train.sample_every=20"]

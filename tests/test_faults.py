@@ -12,9 +12,18 @@ import time
 import pytest
 import torch
 
-from pixrun.checkpoint import list_checkpoints, load_optimizer_tensors, load_tensors
+from pixrun.checkpoint import list_checkpoints, load_tensors
 from pixrun.train import Trainer, TrainingError
-from tests.helpers import last_record_per_step, pixrun_command, run, start, stop, torchrun_command, wait_for_step
+from tests.helpers import (
+    last_record_per_step,
+    load_optimizer_tensors,
+    pixrun_command,
+    run,
+    start,
+    stop,
+    torchrun_command,
+    wait_for_step,
+)
 from tests.test_distributed import assert_same_state
 
 STEPS = ["train.steps=16", "train.checkpoint_every=2", "train.sample_every=100", "train.keep_checkpoints=2"]

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from pixrun.errors import ConfigError
 from pixrun.export import export_run
-from pixrun.pipeline import build_pipeline, load_run
+from pixrun.pipeline import Pipeline, load_run
 from pixrun.pretrained import load_init_weights, resolve_init
+from pixrun.text import TextTower
 from pixrun.train import train
 from tests.helpers_prx import SAMPLE_SIZE, tiny_prx_pipeline, tiny_prx_pixel_pipeline
 
@@ -57,7 +58,7 @@ def test_an_imported_pipeline_samples_as_diffusers_does(tiny_config, tmp_path, k
     config = resolve_init(tiny_config(init=str(folder), **SAMPLING))
     assert config.latent.enabled == (kind == "PRXPipeline")
     assert config.flow.prediction == ("v" if kind == "PRXPipeline" else "x")
-    pipeline = build_pipeline(config, [])
+    pipeline = Pipeline.from_config(config, TextTower.build(config.text, []))
     load_init_weights(pipeline, config)
     ours = pixrun_images(pipeline.eval())
     call = {"num_inference_steps": 6, "guidance_scale": 3.0, "height": SAMPLE_SIZE, "width": SAMPLE_SIZE,
@@ -137,7 +138,12 @@ def test_init_describes_the_pipeline_and_keeps_the_run_own_settings(tiny_config,
     edit_json(folder / "scheduler" / "scheduler_config.json", shift=2.5)
     edit_json(folder / "model_index.json", noise_scale=1.5)
     config = tiny_config(init=str(folder), **SAMPLING, optim__lr=1e-5, sample__time_grid="linear")
-    resolved = resolve_init(config)
+    warnings = []
+    resolved = resolve_init(config, warn=warnings.append)
+    # what the user set and the pipeline replaces is named, in one line; what it leaves (optim.lr) is not
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "model.patch_size=8 (now 4)" in warnings[0] and "sample.time_grid='linear' (now 'diffusers')" in warnings[0]
+    assert "optim.lr" not in warnings[0] and "model.width" not in warnings[0]  # kept, or set to what it was
     assert resolved.model.width == 32 and resolved.model.patch_size == 4 and resolved.model.resolution_embeds
     assert (resolved.text.encoder, resolved.text.subfolder, resolved.text.clean) == (str(folder), "text_encoder",
                                                                                      "basic")

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from pixrun.geneval_export import export_geneval, read_geneval_metadata
-from pixrun.pipeline import build_pipeline, build_world, to_uint8
+from pixrun.pipeline import Pipeline, build_world, to_uint8
+from pixrun.text import TextTower
 
 ENTRIES = [
     {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"},
@@ -36,7 +37,7 @@ def metadata_file(tmp_path):
 def tiny_pipeline(tiny_config):
     config = tiny_config()
     torch.manual_seed(0)
-    pipeline = build_pipeline(config, build_world(config).vocabulary()).eval()
+    pipeline = Pipeline.from_config(config, TextTower.build(config.text, build_world(config).vocabulary())).eval()
     with torch.no_grad():  # the final layer starts at zero; random values make images differ by prompt and seed
         for p in pipeline.denoiser.final_layer.parameters():
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))

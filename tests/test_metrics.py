@@ -31,7 +31,8 @@ from pixrun.metrics.distances import (
 from pixrun.metrics.features import build_feature_network, extract_features
 from pixrun.metrics.inception import FID_WEIGHTS_URL, FIDInceptionV3, load_fid_inception, tf_avg_pool
 from pixrun.metrics.reference import folder_reference, reference_features
-from pixrun.pipeline import build_pipeline, build_world
+from pixrun.pipeline import Pipeline, build_world
+from pixrun.text import TextTower
 
 
 def gaussian_features(n, dim, shift=0.0, seed=0):
@@ -319,7 +320,8 @@ def test_shapes_quality_metrics_generates_for_the_reference_captions_and_caches(
     pipeline_config = tiny_config()
     torch.manual_seed(0)
     world = build_world(pipeline_config)
-    pipeline = build_pipeline(pipeline_config, world.vocabulary()).eval()
+    text_tower = TextTower.build(pipeline_config.text, world.vocabulary())
+    pipeline = Pipeline.from_config(pipeline_config, text_tower).eval()
     networks = load_networks(config)
     scores = shapes_quality_metrics(pipeline, world, config, networks)
     assert set(scores) == {"cmmd", "dino_mmd"} and all(v > 0 for v in scores.values())
@@ -353,7 +355,7 @@ class Passthrough(torch.nn.Module):
 def tiny_pipeline(tiny_config):
     config = tiny_config()
     torch.manual_seed(0)
-    return build_pipeline(config, build_world(config).vocabulary()).eval()
+    return Pipeline.from_config(config, TextTower.build(config.text, build_world(config).vocabulary())).eval()
 
 
 def test_mse_by_t_reports_each_bin_seeded_and_independent_of_batch_size(tiny_pipeline, tiny_config):

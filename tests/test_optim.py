@@ -15,9 +15,18 @@ from torch.distributed.tensor import DTensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from pixrun import optim
-from pixrun.checkpoint import Checkpointer
+from pixrun.checkpoint import Checkpointer, ModuleState, OptimizerState, TensorState, load_state
 from pixrun.model import Denoiser, ModelConfig
-from pixrun.optim import EMA, EMAConfig, MuonAdamW, OptimConfig, build_optimizer, orthogonalize, set_lr
+from pixrun.optim import (
+    EMA,
+    EMAConfig,
+    MuonAdamW,
+    OptimConfig,
+    build_optimizer,
+    orthogonalize,
+    schedule_factor,
+    set_lr,
+)
 from pixrun.runtime import World
 from tests.helpers import HostReads, free_port
 
@@ -159,12 +168,13 @@ def test_same_updates_as_torch_muon_and_adamw():
 def test_set_lr_warms_up_each_group_to_its_own_rate():
     config = OptimConfig(name="muon", lr=1e-3, muon_lr=2e-2, warmup_steps=10)
     optimizer = build_optimizer(tiny_params(), config)
-    set_lr(optimizer, 4, config, 1000)
+    set_lr(optimizer, schedule_factor(4, config, 1000), config)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-2, 5e-4, 5e-4])
-    set_lr(optimizer, 100, config, 1000)
+    set_lr(optimizer, schedule_factor(100, config, 1000), config)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-2, 1e-3, 1e-3])
-    adamw = build_optimizer(tiny_params(), OptimConfig(name="adamw", lr=1e-3, warmup_steps=10))
-    set_lr(adamw, 4, OptimConfig(name="adamw", lr=1e-3, warmup_steps=10), 1000)
+    adamw_config = OptimConfig(name="adamw", lr=1e-3, warmup_steps=10)
+    adamw = build_optimizer(tiny_params(), adamw_config)
+    set_lr(adamw, schedule_factor(4, adamw_config, 1000), adamw_config)
     assert [g["lr"] for g in adamw.param_groups] == pytest.approx([5e-4, 5e-4])
 
 
@@ -173,7 +183,7 @@ def test_cooldown_falls_linearly_over_the_last_share_of_steps():
     optimizer = build_optimizer(tiny_params(), config)
     lrs = []
     for step in range(100):
-        set_lr(optimizer, step, config, total_steps=100)
+        set_lr(optimizer, schedule_factor(step, config, 100), config)
         lrs.append([g["lr"] for g in optimizer.param_groups])
     assert lrs[9] == lrs[79] == pytest.approx([2e-2, 1e-3, 1e-3])  # warm from step 9, flat until the last 20
     assert lrs[90] == pytest.approx([1e-2, 5e-4, 5e-4])  # halfway down
@@ -200,16 +210,18 @@ def test_state_survives_a_checkpoint_and_the_next_step_is_identical(tmp_path):
         params = dict(model.named_parameters())
         optimizer = build_optimizer(params, MUON)
         ema = EMA(params, dict(ema_model.named_parameters()), EMAConfig(decay=0.9))
-        return params, optimizer, ema, Checkpointer(tmp_path, model, ema_model, optimizer, World(), keep=1)
+        states = {"model": ModuleState(model), "ema": ModuleState(ema_model),
+                  "optimizer": OptimizerState(model, optimizer), "counters": TensorState({"ema_updates": ema.updates})}
+        return params, optimizer, ema, Checkpointer(tmp_path, World(), keep=1, states=states)
 
     params, optimizer, ema, checkpointer = make(0)
     for step in range(2):
         set_grads(params, step)
         optimizer.step()
         ema.update(step)
-    path = checkpointer.save(2, {"ema_updates": ema.updates}, {})
+    path = checkpointer.save(2)
     resumed_params, resumed, resumed_ema, resumed_checkpointer = make(1)  # other weights, no state: all from disk
-    resumed_checkpointer.load(path, {"ema_updates": resumed_ema.updates})
+    resumed_checkpointer.load(path, load_state(path))
     assert isinstance(resumed, MuonAdamW)
     slots = {slot for state in resumed.state.values() for slot in state}
     assert slots == {"momentum_buffer", "step", "exp_avg", "exp_avg_sq"}

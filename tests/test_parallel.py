@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pixrun.checkpoint import list_checkpoints, load_tensors
-from pixrun.parallel import ParallelConfig, parallelize
+from pixrun.parallel import ParallelConfig, parallelize, resolve_strategy
 from pixrun.runtime import World
 from pixrun.train import train
 from tests.helpers import free_port
@@ -52,8 +52,9 @@ def rank_loss(model: nn.Module, rank: int) -> torch.Tensor:
 def ddp_gradients(rank: int, world: int) -> dict[str, torch.Tensor]:
     model = two_layers()
     names = [n for n, _ in model.named_parameters()]
-    strategy = parallelize(model, [], ParallelConfig(strategy="ddp"), World(rank, world, rank), torch.device("cpu"),
-                           bf16=False)
+    config = ParallelConfig(strategy="ddp")
+    strategy = resolve_strategy(config, World(rank, world, rank))
+    parallelize(model, [], config, strategy, torch.device("cpu"), bf16=False)
     assert strategy == "ddp" and isinstance(model, nn.Sequential)
     assert [n for n, _ in model.named_parameters()] == names  # in place: checkpoints keep their keys
     rank_loss(model, rank).backward()

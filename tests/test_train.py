@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from pixrun.checkpoint import list_checkpoints, load_optimizer_tensors, load_tensors
+from pixrun.checkpoint import list_checkpoints, load_tensors
 from pixrun.config import ConfigError
 from pixrun.pipeline import load_run
 from pixrun.train import Trainer, train
-from tests.helpers import HostReads
+from tests.helpers import HostReads, load_optimizer_tensors
 
 
 def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tiny_config):

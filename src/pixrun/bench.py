@@ -135,24 +135,24 @@ def data_time_and_text_tokens(trainer, steps: range) -> tuple[float, float, bool
     return seconds / len(steps), sum(lengths) / len(lengths), precomputed
 
 
-def stage_steps(config: Config, stage: int, count: int) -> range:
-    """The first `count` steps of stage `stage`, as global step numbers: the trainer runs them at that stage's
-    resolution, batch, losses and routing, as a run would. A stage shorter than `count` is stretched first, in
-    `config`: its step boundaries (stages, train.steps, the loss terms' until_step) times the smallest whole factor that makes
-    it long enough, as a longer run in the same proportions."""
+def stage_steps(config: Config, stage: int, count: int) -> tuple[Config, range]:
+    """The first `count` steps of stage `stage`, as global step numbers, and the config to run them with: the
+    trainer runs them at that stage's resolution, batch, losses and routing, as a run would. A stage shorter than
+    `count` is stretched: a new config whose step boundaries (stages, train.steps, the loss terms' until_step) are
+    `config`'s times the smallest whole factor that makes it long enough, as a longer run in the same proportions."""
     plan = config.stage_plan()
     if not 0 <= stage < len(plan):
         raise ConfigError(f"--stage {stage}: the config has stages 0 to {len(plan) - 1}")
     start = plan[stage - 1].until_step if stage else 0
     factor = -(-count // (plan[stage].until_step - start))
     if factor > 1:
-        for each in config.stages:
-            each.until_step *= factor
-        config.train.steps *= factor
-        for section in config.losses.values():
-            if section.until_step is not None:
-                section.until_step *= factor
-    return range(factor * start, factor * start + count)
+        losses = {name: section if section.until_step is None
+                  else dataclasses.replace(section, until_step=section.until_step * factor)
+                  for name, section in config.losses.items()}
+        config = dataclasses.replace(
+            config, stages=[dataclasses.replace(each, until_step=each.until_step * factor) for each in config.stages],
+            train=dataclasses.replace(config.train, steps=config.train.steps * factor), losses=losses)
+    return config, range(factor * start, factor * start + count)
 
 
 def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | None = None, label: str = "",
@@ -160,7 +160,7 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 5, device: str | No
     """Time `steps` training steps after `warmup` ones, the first of stage `stage` (of a staged config); one flat
     dict of figures (FLOPs are per image)."""
     config = resolve_init(copy.deepcopy(config))  # the model, text tower and latent space a pipeline to start from names
-    run = stage_steps(config, stage, warmup + steps)
+    config, run = stage_steps(config, stage, warmup + steps)
     timed = run[warmup:]
     if device is not None:
         config.train.device = device

@@ -1,15 +1,21 @@
 """Checkpoints: tensors in safetensors, everything else in JSON; nothing is ever unpickled.
 
+One registry says what a checkpoint holds: each owner (the trained modules, their EMA, the optimizer, the
+counters, the data source, the budget) is a `Stateful` by name, with its own `state_dict` / `load_state_dict`
+(torch.distributed.checkpoint's protocol, as torchtitan's CheckpointManager uses it). Its tensors go to one DCP
+state as "{owner}.{key}", the rest of it to state.json under "{owner}".
+
     RUN/checkpoints/step_0001000/
-        sharded/                the training state as the ranks hold it: one torch.distributed.checkpoint (DCP)
-                                state in safetensors files, one per rank ("shard-NNNNN-model-00001-of-00001"; a
-                                rank with nothing to write after DCP's deduplication of replicas writes none):
-                                "model.{param}", "ema.{param}", "optimizer.{param}.{slot}", "counters.{name}";
-                                each rank writes and reads only its own shards, and it loads onto any world size
+        sharded/                the owners' tensors as the ranks hold them: one DCP state in safetensors files,
+                                one per rank ("shard-NNNNN-model-00001-of-00001"; a rank with nothing to write
+                                after DCP's deduplication of replicas writes none): "model.{param}", "ema.{param}",
+                                "optimizer.{param}.{slot}", "counters.{name}"; each rank writes and reads only its
+                                own shards, and it loads onto any world size
         weights.safetensors     trainable weights, whole ("denoiser.*", "text_encoder.*"): what sample, eval and
                                 export read; rank 0 alone assembles them from sharded/, one tensor at a time
         ema.safetensors         their EMA, same keys
-        state.json              step, data position, world size, the files of sharded/ (rank 0, written last)
+        state.json              the step, the owners' JSON state ("data", "budget"), the files of sharded/
+                                (rank 0, written last)
 
 A checkpoint is written to a temporary folder and renamed into place, so a folder with a step name is complete;
 with async_save the ranks write sharded/ in the background and `wait()` completes the folder. Rank 0 alone
@@ -27,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import torch
 import torch.distributed as dist
@@ -36,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
 
 from pixrun.errors import ConfigError
 from pixrun.runtime import World
@@ -43,6 +50,7 @@ from pixrun.runtime import World
 STEP_PREFIX = "step_"
 SHARDED = "sharded"
 FILES = ("weights.safetensors", "ema.safetensors", "state.json")
+WHOLE = {"weights": "model", "ema": "ema"}  # whole-weights file -> the owner whose tensors it holds
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -138,12 +146,53 @@ def load_tensors(path: Path, name: str, device="cpu") -> dict[str, torch.Tensor]
     return load_file(Path(path) / f"{name}.safetensors", device=str(device))
 
 
-def load_optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The optimizer state of a checkpoint as whole tensors ("{param}.{slot}"), read in one process (for
-    inspection and tests)."""
-    prefix = "optimizer."
-    with _ShardReader(Path(path) / SHARDED) as shards:
-        return {key[len(prefix):]: shards.whole(key) for key in shards.names() if key.startswith(prefix)}
+class ModuleState:
+    """A module's parameters, by name: DCP loads them in place."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.module.named_parameters()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                p.copy_(state[name])
+
+
+class OptimizerState:
+    """The optimizer's state of `model`'s parameters, flat: "{param}.{slot}" (its groups come from the config)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = get_optimizer_state_dict(self.model, self.optimizer)["state"]  # also allocates an empty one
+        return {f"{name}.{slot}": torch.as_tensor(value) for name, slots in state.items()
+                for slot, value in slots.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        nested: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            name, slot = key.rsplit(".", 1)
+            nested.setdefault(name, {})[slot] = value
+        groups = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
+        set_optimizer_state_dict(self.model, self.optimizer, {"state": nested, "param_groups": groups})
+
+
+class TensorState:
+    """Named tensors (the device-side counters), filled in place."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, tensor in self.tensors.items():
+            tensor.copy_(state[name])
 
 
 @dataclass
@@ -155,37 +204,39 @@ class _PendingSave:
 
 
 class Checkpointer:
-    """Saves and restores one run's trained modules, their EMA, the optimizer and counter tensors, on one rank or
-    many; each rank writes and reads only its own shards.
+    """Saves and restores the `states` of one run (owner name -> Stateful), on one rank or many; each rank writes
+    and reads only its own shards. "model" and "ema" are the trained modules and their EMA (the same parameter
+    names, sharded the same way): rank 0 also writes them whole.
 
-    `model` maps owner names ("denoiser", "text_encoder", ...) to the trained modules (FSDP2-sharded or not);
-    `ema_model` holds their EMA with the same parameter names, sharded the same way; `world` has rank, size,
-    is_main and barrier() (pixrun.runtime.World). With `async_save`, `save` returns once this rank's shards are
-    copied to host memory and they are written in the background; `wait()` completes a pending checkpoint (call it
-    before exiting; `save` calls it first). `whole_tensor_bytes` counts the bytes of whole tensors this rank has
-    materialised (rank 0 only, one tensor at a time).
+    `world` has rank, size, is_main and barrier() (pixrun.runtime.World). With `async_save`, `save` returns once
+    this rank's shards are copied to host memory and they are written in the background; `wait()` completes a
+    pending checkpoint (call it before exiting; `save` calls it first).
     """
 
-    def __init__(self, run_dir: Path, model: nn.ModuleDict, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
-                 world: World, keep: int, async_save: bool = False):
+    def __init__(self, run_dir: Path, world: World, keep: int, states: dict[str, Stateful], async_save: bool = False):
         self.run_dir = Path(run_dir)
-        self.model = model
-        self.ema_model = ema_model
-        self.optimizer = optimizer
         self.world = world
         self.keep = keep
+        self.states = states
         self.async_save = async_save
-        self.whole_tensor_bytes = 0
         self.pending: _PendingSave | None = None
         self.distributed = dist.is_initialized()
         # the background writes synchronise over their own gloo group: collectives of two threads on one group
         # could interleave, and DCP's async save needs a CPU backend even when training runs on NCCL
         self.async_group = dist.new_group(backend="gloo") if async_save and self.distributed else None
-        ema_names = [name for name, _ in ema_model.named_parameters()]
-        if ema_names != [name for name, _ in model.named_parameters()]:
-            raise ValueError("ema_model must have the parameters of model, by the same names")
 
-    def save(self, step: int, counters: dict[str, torch.Tensor], state: dict) -> Path:
+    def _split(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+        """Every owner's state: its tensors in one flat DCP state ("{owner}.{key}"), the rest for state.json."""
+        tensors, records = {}, {}
+        for owner, stateful in self.states.items():
+            for key, value in stateful.state_dict().items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{owner}.{key}"] = value
+                else:
+                    records.setdefault(owner, {})[key] = value
+        return tensors, records
+
+    def save(self, step: int) -> Path:
         """Writes checkpoint `step` (with async_save, completed by the next `wait()`); returns its folder."""
         self.wait()
         root = checkpoint_dir(self.run_dir)
@@ -197,7 +248,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         self.world.barrier()
         writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True)
-        tensors = self._state_dict(counters, get_optimizer_state_dict(self.model, self.optimizer))
+        tensors, records = self._split()
         with _single_process_quiet():
             if self.async_save:
                 written = dcp.async_save(tensors, storage_writer=writer, process_group=self.async_group,
@@ -207,10 +258,10 @@ class Checkpointer:
                 written = None
         if self.world.is_main:  # the whole weights need every rank's shards on disk first
             executor = ThreadPoolExecutor(1)
-            names = [name for name, _ in self.model.named_parameters()]
-            written = executor.submit(self._write_whole_weights, tmp, names, written)
+            whole = {file: [key for key in tensors if key.startswith(owner + ".")] for file, owner in WHOLE.items()}
+            written = executor.submit(_write_whole_weights, tmp, whole, written)
             executor.shutdown(wait=False)
-        self.pending = _PendingSave(tmp, final, {**state, "step": step}, written)
+        self.pending = _PendingSave(tmp, final, {"step": step, **records}, written)
         if not self.async_save:
             self.wait()
         return final
@@ -234,44 +285,31 @@ class Checkpointer:
         self.world.barrier()
         return pending.final
 
-    def load(self, path: Path, counters: dict[str, torch.Tensor]) -> None:
-        """Weights, EMA, optimizer state and `counters` (in place) from this rank's part of the checkpoint,
-        resharded to this world (its state.json is the caller's: `load_state`)."""
-        template = get_optimizer_state_dict(self.model, self.optimizer)  # also allocates the optimizer's state
-        tensors = self._state_dict(counters, template)
+    def load(self, path: Path, saved: dict) -> None:
+        """Every owner's state from this rank's part of checkpoint `path`, resharded to this world; `saved` is
+        its state.json, read once by the caller (`load_state`)."""
+        tensors, _ = self._split()  # the owners' own tensors: DCP loads into them
         with _single_process_quiet():
             dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(Path(path) / SHARDED)),
                      no_dist=not self.distributed)
-        state = {key[len("optimizer."):]: value for key, value in tensors.items() if key.startswith("optimizer.")}
-        set_optimizer_state_dict(self.model, self.optimizer,
-                                 {"state": _unflatten(state), "param_groups": template["param_groups"]})
-
-    def _state_dict(self, counters: dict[str, torch.Tensor], optimizer_state: dict) -> dict[str, torch.Tensor]:
-        """The one DCP state, flat: every value a tensor (or DTensor), so DCP writes nothing but safetensors."""
-        return {
-            **{f"model.{name}": p.detach() for name, p in self.model.named_parameters()},
-            **{f"ema.{name}": p.detach() for name, p in self.ema_model.named_parameters()},
-            **{f"optimizer.{name}.{slot}": torch.as_tensor(value) for name, slots in optimizer_state["state"].items()
-               for slot, value in slots.items()},
-            **{f"counters.{name}": value for name, value in counters.items()},
-        }
-
-    def _write_whole_weights(self, tmp: Path, names: list[str], written: Future | None) -> None:
-        """Rank 0: weights.safetensors and ema.safetensors, each tensor assembled from the shard files in turn."""
-        if written is not None:
-            written.result()
-        with _ShardReader(tmp / SHARDED) as shards:
-            for file, prefix in (("weights", "model."), ("ema", "ema.")):
-                layout = {name: (shards.dtype(prefix + name), shards.size(prefix + name)) for name in names}
-                _stream_safetensors(tmp / f"{file}.safetensors", layout,
-                                    (self._counted(shards.whole(prefix + name)) for name in names))
-
-    def _counted(self, whole: torch.Tensor) -> torch.Tensor:
-        self.whole_tensor_bytes += whole.nbytes
-        return whole
+        for owner, stateful in self.states.items():
+            prefix = owner + "."
+            own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+            stateful.load_state_dict({**saved.get(owner, {}), **own})
 
 
-class _ShardReader:
+def _write_whole_weights(tmp: Path, whole: dict[str, list[str]], written: Future | None) -> None:
+    """Rank 0: weights.safetensors and ema.safetensors (`whole`: file -> its DCP keys), each tensor assembled from
+    the shard files in turn, under the name it has in its owner."""
+    if written is not None:
+        written.result()
+    with ShardReader(tmp / SHARDED) as shards:
+        for file, keys in whole.items():
+            layout = {key.split(".", 1)[1]: (shards.dtype(key), shards.size(key)) for key in keys}
+            _stream_safetensors(tmp / f"{file}.safetensors", layout, (shards.whole(key) for key in keys))
+
+
+class ShardReader:
     """A DCP folder's safetensors shards, open for reading whole tensors in one process."""
 
     def __init__(self, folder: Path):
@@ -332,14 +370,6 @@ def _single_process_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, slot = key.rsplit(".", 1)
-        state.setdefault(name, {})[slot] = value
-    return state
 
 
 def _safetensors_damage(file: Path) -> str | None:

@@ -8,6 +8,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -31,10 +32,10 @@ from pixrun.text import TextConfig
 
 @dataclass
 class TrainConfig:
-    steps: int = 2400  # without a budget, the run's length; with one, its planned proportions (stages) and first guess
-    # Train to a duration ("12m", "24h", "1h30m"): the steps are planned to end there (pixrun.budget); "" trains
-    # train.steps. The default's 12 min make `make train` end within 15 min from a fresh clone on 2 cores.
-    budget: str = "12m"
+    steps: int = 2400  # the run's length; with a budget, the most it runs (the first limit reached ends it)
+    # Train to a duration ("12m", "24h", "1h30m"): the steps are planned to end there (pixrun.budget); "": no
+    # budget, train train.steps. The built-in default run sets 12m (DEFAULT_RUN).
+    budget: str = ""
     budget_money: float = 0.0  # or to a sum of money at train.device_hour_price per device-hour; the first limit hit
     device_hour_price: float = 0.0  # price of one device for one hour, in the budget's currency
     budget_warmup_steps: int = 5  # steps (of each stage, and after a resume) not timed for the plan: warm-up, compiling
@@ -81,10 +82,15 @@ class EvalConfig:
     images_per_prompt: int = 4
     seed: int = 1234
     batch_size: int = 128
+    at_end: bool = False  # score the EMA model after the last step, inside a budget's time (shapes world only)
 
 
 @dataclass
 class Config:
+    """A run's settings. `user_set` names the settings the YAML file and the command line gave ("model.width"),
+    as `load_config` read them: what resolving the config (init) must not silently replace."""
+
+    user_set: ClassVar[frozenset[str]] = frozenset()
     run_dir: str = "runs/shapes-default"
     init: str = ""  # a diffusers PRXPipeline / PRXPixelPipeline (hub id or folder) to start from (pixrun.pretrained)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -164,6 +170,8 @@ class Config:
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
         self._validate_budget()
+        if self.eval.at_end and self.data.source != "shapes" and "eval.at_end" in self.user_set:
+            raise ConfigError("eval.at_end scores the shapes world's prompts: it needs data.source=shapes")
         if not 0 <= self.ema.decay < 1:
             raise ConfigError(f"ema.decay must lie in [0, 1), got {self.ema.decay}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
@@ -217,8 +225,15 @@ class Config:
                               f"({self.stages[-1].resolution}): it is the resolution the model samples at")
 
 
+# What `pixrun train` runs without a config file, over the dataclasses' defaults (configs/shapes-cpu.yaml writes
+# it out): 12 minutes, its strict scores included, so that `make train` ends within 15 min from a fresh clone on 2
+# cores and shows what was learnt.
+DEFAULT_RUN = {"train": {"budget": "12m"}, "eval": {"at_end": True}}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `key=value` overrides; validated."""
+    """Defaults (without a file, the built-in default run's), then the YAML file, then `key=value` overrides;
+    validated."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -235,9 +250,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    user_set = frozenset(_dotted_keys(raw))
+    if path is None:
+        raw = _merged(DEFAULT_RUN, raw)
     config = _build_config(_apply_preset(raw))
+    config.user_set = user_set
     config.validate()
     return config
+
+
+def _dotted_keys(raw: dict, prefix: str = "") -> list[str]:
+    """The settings a raw config gives, dotted: {"model": {"width": 64}} -> ["model.width"]."""
+    keys = []
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        keys.extend(_dotted_keys(value, name + ".") if isinstance(value, dict) else [name])
+    return keys
+
+
+def _merged(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if both else value
+    return merged
 
 
 def options_from(cls, items: list[str], where: str):

@@ -29,7 +29,7 @@ from pixrun.data.shapes import (
     draw_shape,
     make_caption,
 )
-from pixrun.metrics import generate_batches
+from pixrun.metrics import generate_images
 from pixrun.pipeline import build_world, load_run, load_run_config, to_uint8
 from pixrun.runtime import resolve_device
 
@@ -346,22 +346,36 @@ def score(
     }
 
 
+def evaluate_pipeline(pipeline, world: ShapesWorld, config, per_task: int | None = None,
+                      ranks=None) -> dict[str, float | None] | None:
+    """Score `pipeline` (with its sampling settings): images for `world`'s evaluation prompts (`config`: an
+    EvalConfig; `per_task` overrides its prompts_per_task), image i from the noise of seed `config.seed + i`, then
+    `score`. With `ranks` (pixrun.runtime.World) every rank generates a part and rank 0 scores (None elsewhere)."""
+    specs = evaluation_prompts(world, per_task or config.prompts_per_task, seed=config.seed)
+    prompts = [spec.prompt for spec in specs for _ in range(config.images_per_prompt)]
+    images = generate_images(pipeline, prompts, config.seed, config.batch_size, ranks)
+    if images is None:
+        return None
+    images, n = list(to_uint8(images)), config.images_per_prompt
+    return score(specs, [images[i * n : (i + 1) * n] for i in range(len(specs))], world)
+
+
+def evaluation_record(scores: dict, pipeline, config, per_task: int | None, weights: str) -> dict:
+    """What eval.json holds: the scores and how they were made."""
+    return {**scores, "weights": weights, "prompts": len(TASKS) * (per_task or config.prompts_per_task),
+            "images_per_prompt": config.images_per_prompt, "sample": dataclasses.asdict(pipeline.sample)}
+
+
 def evaluate_run(
     run_dir: str | Path, per_task: int | None = None, weights: str = "ema", sample=None
 ) -> dict[str, float | None]:
-    """Score a trained run: generate images for its world's evaluation prompts (the run's eval config;
-    `per_task` overrides prompts_per_task; `sample` replaces the run's sampling settings) and apply `score`."""
+    """Score a trained run (`evaluate_pipeline` with its eval config; `sample` replaces the run's sampling
+    settings) and write its eval.json."""
     run_config = load_run_config(run_dir)
     run = load_run(run_dir, weights=weights, device=resolve_device(run_config.train.device))
-    world = build_world(run_config)
-    config = run_config.eval
-    specs = evaluation_prompts(world, per_task or config.prompts_per_task, seed=config.seed)
-    prompts = [spec.prompt for spec in specs for _ in range(config.images_per_prompt)]
-    batches = generate_batches(run, prompts, config.seed, config.batch_size, sample=sample)
-    images = [image for batch in batches for image in to_uint8(batch)]
-    n = config.images_per_prompt
-    scores = score(specs, [images[i * n : (i + 1) * n] for i in range(len(specs))], world)
-    sampling = dataclasses.asdict(sample or run.sample)
-    record = {**scores, "weights": weights, "prompts": len(specs), "images_per_prompt": n, "sample": sampling}
+    if sample is not None:
+        run = dataclasses.replace(run, sample=sample)
+    scores = evaluate_pipeline(run, build_world(run_config), run_config.eval, per_task)
+    record = evaluation_record(scores, run, run_config.eval, per_task, weights)
     (Path(run_dir) / "eval.json").write_text(json.dumps(record, indent=1))
     return scores

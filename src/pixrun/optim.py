@@ -102,9 +102,9 @@ def cooldown_steps(config: OptimConfig, total_steps: int) -> int:
     return round(config.cooldown * total_steps)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, config: OptimConfig, total_steps: int) -> float:
-    """The schedule on every group: Muon's groups from optim.muon_lr, the others from optim.lr; returns the latter."""
-    factor = schedule_factor(step, config, total_steps)
+def set_lr(optimizer: torch.optim.Optimizer, factor: float, config: OptimConfig) -> float:
+    """The schedule's `factor` on every group: Muon's groups from optim.muon_lr, the others from optim.lr; returns
+    the latter."""
     for group in optimizer.param_groups:
         group["lr"] = (config.muon_lr if group["muon"] else config.lr) * factor
     return config.lr * factor

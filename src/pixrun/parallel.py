@@ -80,6 +80,8 @@ def device_mesh(config: ParallelConfig, world: World, device: torch.device):
 
 
 def resolve_strategy(config: ParallelConfig, world: World) -> str:
+    """The run's strategy for `world` (ddp | fsdp | single; HSDP is fsdp over parallel.replicate_degree): the one
+    place that decides it."""
     if config.strategy == "auto":
         return "fsdp" if world.distributed else "single"
     if config.strategy != "single" and not world.distributed:
@@ -89,19 +91,18 @@ def resolve_strategy(config: ParallelConfig, world: World) -> str:
     return config.strategy
 
 
-def parallelize(denoiser: nn.Module, others: list[nn.Module], config: ParallelConfig, world: World,
-                device: torch.device, bf16: bool, mesh=None) -> str:
-    """Checkpoint, compile, then replicate or shard the trainable modules in place; returns the strategy used.
-    `others` are the other trained modules (a jointly trained text encoder, REPA's projector), each one unit;
-    frozen networks (a pretrained text encoder, loss networks) are simply replicated. `mesh`: FSDP's, built here
-    when not given (pass the same one to `shard_copy`)."""
+def parallelize(denoiser: nn.Module, others: list[nn.Module], config: ParallelConfig, strategy: str,
+                device: torch.device, bf16: bool, mesh=None) -> None:
+    """Checkpoint, compile, then replicate or shard the trainable modules in place, as `strategy` says (the
+    run's, from `resolve_strategy`). `others` are the other trained modules (a jointly trained text encoder,
+    REPA's projector), each one unit; frozen networks (a pretrained text encoder, loss networks) are simply
+    replicated. `mesh`: FSDP's (`device_mesh`; pass the same one to `shard_copy`)."""
     if config.activation_checkpointing:
         for block in denoiser.blocks:
             _checkpoint_activations(block)
     if config.compile:
         for block in denoiser.blocks:
             block.compile()
-    strategy = resolve_strategy(config, world)
     modules = [*others, denoiser]
     if strategy == "ddp":
         # A private API, on purpose: torch 2.13 has no public DDP applied in place. DistributedDataParallel wraps
@@ -115,17 +116,14 @@ def parallelize(denoiser: nn.Module, others: list[nn.Module], config: ParallelCo
         for module in modules:
             replicate(module, device_ids=[device.index] if device.type == "cuda" else None)
     elif strategy == "fsdp":
-        _fully_shard(denoiser, others, mesh or device_mesh(config, world, device), bf16,
-                     config.reshard_after_forward)
-    return strategy
+        _fully_shard(denoiser, others, mesh, bf16, config.reshard_after_forward)
 
 
-def shard_copy(denoiser: nn.Module, others: list[nn.Module], config: ParallelConfig, world: World, mesh,
-               bf16: bool) -> None:
+def shard_copy(denoiser: nn.Module, others: list[nn.Module], strategy: str, mesh, bf16: bool) -> None:
     """Shard a copy of the trained modules (the EMA weights) exactly like them, so each rank keeps its shard of
     the copy and generation with it gathers one block at a time, as training does. Replicated strategies keep
     the copy whole on every rank, as they keep the model."""
-    if resolve_strategy(config, world) == "fsdp":
+    if strategy == "fsdp":
         _fully_shard(denoiser, others, mesh, bf16, reshard_after_forward=True)
 
 

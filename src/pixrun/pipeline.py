@@ -1,7 +1,6 @@
 """A run as a text-to-image pipeline: the pieces built from a config, and a trained run loaded back."""
 
 import dataclasses
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +46,8 @@ def check_latent_sizes(config: Config, autoencoder: Autoencoder) -> None:
 @dataclass
 class Pipeline:
     """What sampling needs, as a diffusers pipeline bundles it: the denoiser, the text tower, the flow, the run's
-    sampling settings and, in latent space, the frozen autoencoder. `Pipeline.from_config` makes one around a text
-    tower; `load_run` loads a trained run."""
+    sampling settings and, in latent space, the frozen autoencoder. `Pipeline.from_config` is the one way to make
+    one, around a text tower (built from captions, or loaded from a run); `load_run` loads a trained run."""
 
     denoiser: Denoiser
     text_tower: TextTower
@@ -113,12 +112,6 @@ class Pipeline:
         if self.autoencoder is not None:
             x = self.autoencoder.decode(x)
         return x.clamp(-1, 1)
-
-
-def build_pipeline(config: Config, captions: Iterable[str], run_dir: Path | None = None) -> Pipeline:
-    """Fresh weights. The denoiser's text width comes from the text tower; the small text encoder's tokenizer is
-    learnt from `captions` (the shapes world's words, or a prepared folder's caption sample)."""
-    return Pipeline.from_config(config, TextTower.build(config.text, captions, run_dir))
 
 
 def load_run_config(run_dir: Path) -> Config:

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,9 +130,10 @@ def pipeline_settings(index: dict, cls) -> dict:
     return {**defaults, **{k: v for k, v in index.items() if k in defaults}}
 
 
-def resolve_init(config: Config) -> Config:
+def resolve_init(config: Config, warn: Callable[[str], None] | None = print) -> Config:
     """A copy of `config` that describes the diffusers PRXPipeline or PRXPixelPipeline `config.init` names (module
-    docstring); `config` itself when init is "". Deterministic, and resolving twice changes nothing."""
+    docstring); `config` itself when init is "". Deterministic, and resolving twice changes nothing. Settings the
+    user gave (`Config.user_set`) that the pipeline replaces are named in one line to `warn`."""
     if not config.init:
         return config
     import diffusers
@@ -168,7 +170,19 @@ def resolve_init(config: Config) -> Config:
     out.sample = dataclasses.replace(out.sample, time_grid="diffusers", sampler="euler", cfg_interval=[0.0, 1.0],
                                      shift=scheduler_shift(init))
     out.validate()
+    replaced = [f"{key}={setting(config, key)!r} (now {setting(out, key)!r})" for key in sorted(config.user_set)
+                if setting(config, key) != setting(out, key) and not dataclasses.is_dataclass(setting(config, key))]
+    if replaced and warn is not None:
+        warn(f"pixrun: warning: init {init} replaces what the config set: {', '.join(replaced)}")
     return out
+
+
+def setting(config: Config, key: str):
+    """The value of dotted setting `key` ("model.width") in `config`."""
+    value = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+    return value
 
 
 def transformer_weight_files(init: str) -> list[Path]:

@@ -13,12 +13,13 @@ side channel while the next step runs.
 import copy
 import dataclasses
 import hashlib
+import json
 import random
 import signal
 import struct
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from pixrun.budget import EVENTS, BudgetPlan, Periodic, budget_seconds, format_duration
-from pixrun.checkpoint import Checkpointer, choose_resume, load_state
+from pixrun.budget import AtEnd, Budget, Plan, Schedule, budget_seconds, format_duration, stage_shares
+from pixrun.checkpoint import Checkpointer, ModuleState, OptimizerState, TensorState, choose_resume, load_state
 from pixrun.config import Config, StageConfig, save_config
+from pixrun.data.shapes import TASKS
 from pixrun.data.source import DATA_SOURCES, DataSource, HeldOut, LocalBatch
 from pixrun.errors import ConfigError, TrainingError
+from pixrun.evaluate import evaluate_pipeline, evaluation_record
 from pixrun.latent import Autoencoder
 from pixrun.logger import RunLogger, save_grid
 from pixrun.losses import LossInputs
@@ -47,7 +50,7 @@ from pixrun.metrics import (
 from pixrun.model import RoutePlan, count_parameters
 from pixrun.optim import EMA, build_optimizer, set_lr
 from pixrun.parallel import StopVote, device_mesh, parallelize, resolve_strategy, shard_copy
-from pixrun.pipeline import Pipeline, build_pipeline, load_run_config, to_uint8
+from pixrun.pipeline import Pipeline, build_world, load_run_config, to_uint8
 from pixrun.pretrained import load_init_weights, resolve_init
 from pixrun.runtime import World, attention_context, close_world, compute_context, init_world, uses_bf16
 from pixrun.text import TextTower, pad_states
@@ -77,20 +80,21 @@ def start_pipeline(config: Config, checkpoint: Path | None, world: World) -> Pip
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         captions = tokenizer_captions(config) if config.text.trainable else []
-        pipeline = build_pipeline(config, captions, run_dir if world.is_main else None)
+        text_tower = TextTower.build(config.text, captions, run_dir if world.is_main else None)
+    else:
+        saved = load_run_config(run_dir)
+        for section in ("model", "text", "latent", "flow", "data"):
+            if getattr(saved, section) != getattr(config, section):
+                raise ConfigError(f"cannot resume {run_dir} with a different '{section}' section than it was started "
+                                  "with")
+        text_tower = TextTower.load(config.text, run_dir)
+    pipeline = Pipeline.from_config(config, text_tower)
+    if checkpoint is None:
         load_init_weights(pipeline, config)
-        if world.is_main:
-            save_config(config, run_dir / "config.yaml")
-        world.barrier()
-        return pipeline
-    saved = load_run_config(run_dir)
-    for section in ("model", "text", "latent", "flow", "data"):
-        if getattr(saved, section) != getattr(config, section):
-            raise ConfigError(f"cannot resume {run_dir} with a different '{section}' section than it was started with")
-    world.barrier()  # every rank has read the saved config before rank 0 rewrites it
+    world.barrier()  # every rank has read the saved config before rank 0 writes the run's
     if world.is_main:
         save_config(config, run_dir / "config.yaml")  # train.steps and the like may change on resume
-    return Pipeline.from_config(config, TextTower.load(config.text, run_dir))
+    return pipeline
 
 
 @dataclass
@@ -113,7 +117,8 @@ class TrainState:
     ema: EMA
     source: DataSource
     encode_text: TextTower | TextCache  # a frozen tower's states may come from the embedding cache
-    strategy: str  # ddp | fsdp | hsdp | single
+    strategy: str  # ddp | fsdp | single (parallel.resolve_strategy)
+    plan: Plan  # the run's course: which stage a step is in, the learning rate; a budget replaces it as it goes
     nonfinite_total: torch.Tensor  # device-side counters: read on logging steps only
     nonfinite_in_row: torch.Tensor
     lr: float = 0.0
@@ -128,11 +133,24 @@ class TrainState:
         return {"ema_updates": self.ema.updates, "nonfinite_steps": self.nonfinite_total}
 
 
-def build_state(config: Config, world: World, device: torch.device, pipeline: Pipeline) -> TrainState:
+def with_plan(config: Config, plan: Plan) -> Config:
+    """`config` with the stages of `plan` (where a resumed budget had moved them): what the data source plans."""
+    if plan.ends == [stage.until_step for stage in config.stage_plan()]:
+        return config
+    config = copy.deepcopy(config)
+    config.train.steps = plan.total
+    if config.stages:
+        config.stages = [dataclasses.replace(stage, until_step=end) for stage, end in zip(config.stages, plan.ends)]
+    return config
+
+
+def build_state(config: Config, world: World, device: torch.device, pipeline: Pipeline, plan: Plan) -> TrainState:
     """The trained modules sharded for `world` (DDP / FSDP2 / HSDP), their EMA copy sharded alike, the
-    optimizer, the data source and the counters, around a pipeline on `device`."""
+    optimizer, the data source and the counters, around a pipeline on `device`, to follow `plan`."""
     text = pipeline.text_tower
-    source = build_source(config, world, text, pin_memory=device.type == "cuda", autoencoder=pipeline.autoencoder)
+    # the data source plans a stream for each stage's start, where the plan has it (a resumed budget moved them)
+    source = build_source(with_plan(config, plan), world, text, pin_memory=device.type == "cuda",
+                          autoencoder=pipeline.autoencoder)
     bf16 = uses_bf16(device, config.train.precision)
     aux = AuxiliaryLosses(config.losses, config.model.width, device)
     trained = {**pipeline.trained_modules(), **aux.trainable()}
@@ -143,14 +161,14 @@ def build_state(config: Config, world: World, device: torch.device, pipeline: Pi
                    for name, module in trained.items()}
     for module in ema_trained.values():
         module.requires_grad_(False)
-    mesh = device_mesh(config.parallel, world, device) if resolve_strategy(config.parallel, world) == "fsdp" else None
     try:
-        strategy = parallelize(pipeline.denoiser, [m for n, m in trained.items() if n != "denoiser"],
-                               config.parallel, world, device, bf16, mesh)
+        strategy = resolve_strategy(config.parallel, world)
+        mesh = device_mesh(config.parallel, world, device) if strategy == "fsdp" else None
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    shard_copy(ema_trained["denoiser"], [m for n, m in ema_trained.items() if n != "denoiser"], config.parallel,
-               world, mesh, bf16)
+    parallelize(pipeline.denoiser, [m for n, m in trained.items() if n != "denoiser"], config.parallel, strategy,
+                device, bf16, mesh)
+    shard_copy(ema_trained["denoiser"], [m for n, m in ema_trained.items() if n != "denoiser"], strategy, mesh, bf16)
     trained, ema_trained = nn.ModuleDict(trained), nn.ModuleDict(ema_trained)
     params = dict(trained.named_parameters())
     # Newton-Schulz in the compute precision: bf16 where it is fast, fp32 where bf16 products are slow (CPUs
@@ -165,7 +183,7 @@ def build_state(config: Config, world: World, device: torch.device, pipeline: Pi
         aux=aux, trained=trained, ema_trained=ema_trained, optimizer=optimizer,
         ema=EMA(params, dict(ema_trained.named_parameters()), config.ema),
         source=source, encode_text=encode_text,
-        strategy=strategy,
+        strategy=strategy, plan=plan,
         nonfinite_total=torch.zeros((), dtype=torch.int64, device=device),
         nonfinite_in_row=torch.zeros((), dtype=torch.int64, device=device),
     )
@@ -190,7 +208,7 @@ class StepInputs:
 def train_step(state: TrainState, step: int) -> dict[str, torch.Tensor]:
     """One optimisation step on this rank's part of global batch `step`; returns its figures as device tensors
     (loss, each loss term, grad norm). Nothing here waits for the device."""
-    state.lr = set_lr(state.optimizer, step, state.config.optim, state.config.train.steps)
+    state.lr = set_lr(state.optimizer, state.plan.lr_factor(step, state.config.optim), state.config.optim)
     inputs = draw_inputs(state, step)
     flow_loss, terms = compute_losses(state, inputs, step)
     loss = flow_loss + sum(terms.values())
@@ -209,7 +227,7 @@ def draw_inputs(state: TrainState, step: int) -> StepInputs:
     """The batch and its draws: t, noise and routing from each row's device generator, in that order, and caption
     dropout from its host stream (see the module docstring)."""
     config, device = state.config, state.device
-    stage, stage_start = config.stage_at(step)
+    stage, stage_start = state.plan.stage_at(step)
     batch = state.source.batch(step, stage, stage_start)
     has_rows = len(batch.captions) > 0
     if not has_rows:  # every sample was bad: a stand-in row keeps this rank in the collectives, weighted 0
@@ -292,49 +310,190 @@ def text_states(state: TrainState, batch: LocalBatch, dropped: list[bool]) -> tu
     return txt, mask if padded else None
 
 
+class Event:
+    """Something the run does besides steps (a sample grid, metrics, a checkpoint), on its own schedule: the loop
+    asks `should_run` after each step. `last_step` says where the run's plan ends now; `on_stop`: it also runs
+    after the step where a stop signal was agreed."""
+
+    def __init__(self, name: str, schedule: Schedule, action: Callable[[int], object], last_step: Callable[[], int],
+                 on_stop: bool = False):
+        self.name, self.schedule, self.action, self.last_step, self.on_stop = name, schedule, action, last_step, on_stop
+
+    def should_run(self, done: int, stopping: bool = False) -> bool:
+        return self.schedule.should_run(done, self.last_step()) or (stopping and self.on_stop)
+
+
+def event_schedules(config: Config) -> dict[str, Schedule]:
+    """When the run's events come, by name: what the loop asks, and what a budget reserves time for."""
+    tc = config.train
+    schedules = {
+        "sample": Schedule(tc.sample_every, at_start=True),  # the untrained model too, to compare the end with
+        "metrics": Schedule(tc.metrics_every, at_start=True),
+        "checkpoint": Schedule(tc.checkpoint_every),
+    }
+    scored = config.eval.at_end and config.data.source == "shapes"  # the evaluator knows the shapes world only
+    return {**schedules, "evaluation": AtEnd()} if scored else schedules
+
+
+def event_estimates(config: Config) -> dict[str, tuple[str, float]]:
+    """What a budget reserves for an event not yet timed, as so many of another: the final evaluation generates
+    its images as a sample grid does (same sampler), so many grids' worth."""
+    e, s = config.eval, config.sample
+    evaluated = len(TASKS) * e.prompts_per_task * e.images_per_prompt
+    return {"evaluation": ("sample", evaluated / (len(s.grid_prompts) * s.grid_seeds))}
+
+
+def budget_controller(config: Config, world: World, device: torch.device, clock: Callable[[], float],
+                      started: float) -> Budget | None:
+    """The controller of a budgeted run (train.budget, or train.budget_money at train.device_hour_price); None
+    without a budget. Its figures are averaged over the ranks, so every rank plans alike."""
+    tc = config.train
+    seconds = budget_seconds(tc.budget, tc.budget_money, tc.device_hour_price, world.size)
+    if seconds is None:
+        return None
+    stages = config.stage_plan()
+    shares = stage_shares([s.until_step for s in stages], [s.batch_size for s in stages],
+                          [s.budget_share for s in stages])
+
+    def average(figures: list[float]) -> list[float]:
+        return world.mean(torch.tensor(figures, device=device)).tolist()
+
+    return Budget(seconds, stages, shares, config.optim, event_schedules(config), tc.budget_warmup_steps, clock,
+                  average, started, event_estimates(config))
+
+
 class Trainer:
     """One run: `Trainer(config, resume).run()`, or `.step(k)` one optimisation step at a time (benchmarks).
 
-    Around the state and its step function it keeps the run's course: logging, sample grids, metrics, checkpoints
-    (it alone decides what a checkpoint holds besides the tensors), stop signals and the budget. A budgeted run
-    (train.budget) plans its steps as it goes and writes the plan into its own copy of the config (train.steps,
-    each stage's until_step); `clock` is what it measures time with (tests inject one)."""
+    Around the state and its step function it keeps the run's course: the plan (the config's, or a budget's,
+    which the controller replaces on logging steps), the events on their schedules (sample grids, metrics,
+    checkpoints), logging and stop signals. The config is resolved once, here (the pipeline `init` names), and
+    never written to after. `clock` is what a budget measures time with (tests inject one)."""
 
     def __init__(self, config: Config, resume: str | None = None, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self.started = clock()
-        if config.train.budget or config.train.budget_money:
-            config = copy.deepcopy(config)
-        config = resolve_init(config)  # a released pipeline to start from names the model, text and latent space
-        self.config = config
+        started = clock()
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         self.world, self.device = init_world(config.train.device, config.parallel.backend,
                                              config.parallel.timeout_minutes)
+        config = resolve_init(config, warn=print if self.world.is_main else None)
         for stage in config.stage_plan():
             if stage.batch_size % self.world.size:
                 raise ConfigError(f"batch size {stage.batch_size} does not split over {self.world.size} processes")
         self.run_dir = Path(config.run_dir)
         checkpoint = choose_resume(self.run_dir, resume, self.world)
         saved = load_state(checkpoint) if checkpoint else {}  # read once, by every rank
-        self.spent_before = 0.0
-        self.plan = self.budget_plan(saved.get("budget"))
+        self.budget = budget_controller(config, self.world, self.device, clock, started)
+        plan = Plan.of(config.stage_plan())
+        if self.budget is not None:
+            if "budget" in saved:  # first of the checkpoint's owners: its plan says where the stages start
+                self.budget.load_state_dict(saved["budget"])
+            plan = self.budget.plan
+        self.config = config
         pipeline = start_pipeline(config, checkpoint, self.world).to(self.device)
-        self.state = build_state(config, self.world, self.device, pipeline)
-        self.checkpointer = Checkpointer(self.run_dir, self.state.trained, self.state.ema_trained,
-                                         self.state.optimizer, self.world, config.train.keep_checkpoints,
-                                         async_save=config.train.async_checkpoint)
+        self.state = build_state(config, self.world, self.device, pipeline, plan)
+        self.checkpointer = Checkpointer(self.run_dir, self.world, config.train.keep_checkpoints,
+                                         self.checkpoint_states(), async_save=config.train.async_checkpoint)
         self.start = 0
         if checkpoint is not None:
-            self.restore(checkpoint, saved)
-        self.event_seconds: dict[str, float] = dict(self.plan.event_seconds) if self.plan else {}
-        self.timing: tuple[float, int, float, int] | None = None  # clock, steps, event seconds, stage at its start
-        self.events_total = 0.0
+            self.checkpointer.load(checkpoint, saved)
+            self.start = saved["step"]
+        schedules = event_schedules(config)
+        self.events = [
+            Event("sample", schedules["sample"], self.sample, self.last_step),
+            Event("metrics", schedules["metrics"], lambda done: self.measure(done, self.logger), self.last_step),
+            Event("checkpoint", schedules["checkpoint"], self.save, self.last_step, on_stop=True),
+        ]
+        if "evaluation" in schedules:
+            self.events.append(Event("evaluation", schedules["evaluation"], self.evaluate, self.last_step))
+        self.scores: dict | None = None
+        self.logging = Schedule(config.train.log_every)
+        self.logger: RunLogger | None = None
         self.stop_requested = False
         self.metric_networks = None
 
+    def checkpoint_states(self) -> dict:
+        """What a checkpoint holds, by owner: each gives its own state_dict and takes it back."""
+        state = self.state
+        owners = {
+            "model": ModuleState(state.trained), "ema": ModuleState(state.ema_trained),
+            "optimizer": OptimizerState(state.trained, state.optimizer), "counters": TensorState(state.counters()),
+            "data": state.source,
+        }
+        return owners if self.budget is None else {**owners, "budget": self.budget}
+
+    @property
+    def plan(self) -> Plan:
+        return self.state.plan
+
+    def last_step(self) -> int:
+        return self.state.plan.total
+
     def step(self, step: int) -> dict[str, torch.Tensor]:
         return train_step(self.state, step)
+
+    def run(self) -> Path:
+        """Train from the start (or the checkpoint resumed) to the plan's last step, running each event when it
+        says; a stop signal ends the run after a checkpoint."""
+        world = self.world
+        if world.is_main:
+            self.announce()
+            self.logger = RunLogger(self.run_dir, self.plan.total, self.start, self.config.log)
+        stop_vote = StopVote(world)
+        self.state.pipeline.denoiser.train()
+        self.state.pipeline.text_tower.train(self.state.pipeline.text_tower.trainable)
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if self.start == 0:
+                self.run_events(0)
+            if self.budget is not None:
+                self.budget.begin(self.start)
+            step = self.start
+            while step < self.plan.total:  # a budget's plan may move it on logging steps
+                metrics = self.step(step)
+                done = step + 1
+                values = self.log(done, metrics) if self.logging.should_run(done, self.plan.total) else {}
+                if self.logger is not None:
+                    self.logger.step(step, values, self.plan.stage_at(step)[0].batch_size, self.budget_status())
+                stop = stop_vote.cast(self.stop_requested)
+                self.run_events(done, stop)
+                if stop:
+                    if world.is_main:
+                        print(f"\npixrun: stopped by a signal after step {done}; checkpoint saved. "
+                              "Continue with: pixrun train ... --resume auto")
+                    break
+                step = done
+            stop_vote.settle()
+            self.checkpointer.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.logger is not None:
+                self.logger.close()
+        if world.is_main:
+            self.report()
+        return self.run_dir
+
+    def run_events(self, done: int, stopping: bool = False) -> None:
+        for event in self.events:
+            if event.should_run(done, stopping):
+                event.action(done)
+
+    def log(self, done: int, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """A logging step (the one read of the device): the step's figures averaged over ranks, with the
+        counters; too many non-finite steps in a row end the run; a budget plans again."""
+        names = list(metrics)
+        means = self.world.mean(torch.stack([metrics[name].float() for name in names])).tolist()
+        values = dict(zip(names, means))
+        values["lr"] = self.state.lr
+        values["nonfinite_steps"] = int(self.state.nonfinite_total)
+        values["data_skipped"] = self.state.source.skipped
+        self.check_health(done - 1)
+        if self.budget is not None:
+            self.state.plan = self.budget.update(done)
+            if self.logger is not None:
+                self.logger.set_total(self.plan.total)
+        return values
 
     def check_health(self, step: int) -> None:
         """Read on logging steps (a host sync): too many non-finite steps in a row end the run."""
@@ -345,106 +504,64 @@ class Trainer:
                 "raise optim.warmup_steps, then --resume"
             )
 
-    def run(self) -> Path:
-        tc, world = self.config.train, self.world
-        if world.is_main:
-            self.announce()
-        logger = RunLogger(self.run_dir, tc.steps, self.start, self.config.log) if world.is_main else None
-        last_grid = None
-        stop_vote = StopVote(world)
-        self.state.pipeline.denoiser.train()
-        self.state.pipeline.text_tower.train(self.state.pipeline.text_tower.trainable)
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            if self.start == 0:  # the untrained model, to compare the run's end with
-                last_grid = self.sample(0, logger)
-                if tc.metrics_every:
-                    self.measure(0, logger)
-            step = self.start
-            while step < tc.steps:  # a budget's plan moves tc.steps
-                metrics = self.step(step)
-                done = step + 1
-                values = {}
-                if done % tc.log_every == 0 or done == tc.steps:
-                    values = self.log_values(metrics)
-                    self.check_health(step)
-                    if self.plan is not None:
-                        last_grid = self.follow_budget(done, logger) or last_grid
-                if logger is not None:
-                    logger.step(step, values, self.config.stage_at(step)[0].batch_size, self.budget_status())
-                if done % tc.sample_every == 0 or done == tc.steps:
-                    last_grid = self.sample(done, logger) or last_grid
-                if tc.metrics_every and (done % tc.metrics_every == 0 or done == tc.steps):
-                    self.measure(done, logger)
-                stop = stop_vote.cast(self.stop_requested)
-                if done % tc.checkpoint_every == 0 or done == tc.steps or stop:
-                    self.save(done)
-                if stop:
-                    if world.is_main:
-                        print(
-                            f"\npixrun: stopped by a signal after step {done}; checkpoint saved. "
-                            f"Continue with: pixrun train ... --resume auto"
-                        )
-                    break
-                step = done
-            stop_vote.settle()
-            self.checkpointer.wait()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            if logger is not None:
-                logger.close()
-        if world.is_main:
-            self.report(last_grid)
-        return self.run_dir
-
     def announce(self) -> None:
-        tc, denoiser, text_tower = self.config.train, self.state.pipeline.denoiser, self.state.pipeline.text_tower
+        denoiser, text_tower = self.state.pipeline.denoiser, self.state.pipeline.text_tower
         print(
             f"pixrun: {self.run_dir} | denoiser {count_parameters(denoiser) / 1e6:.2f} M params, text tower "
             f"{count_parameters(text_tower.encoder) / 1e6:.2f} M ({'trained' if text_tower.trainable else 'frozen'})"
-            f" | {self.device} x {self.world.size} ({self.state.strategy}) | steps {self.start}->{tc.steps}: "
+            f" | {self.device} x {self.world.size} ({self.state.strategy}) | steps {self.start}->{self.plan.total}: "
             + ", then ".join(
-                f"{s.resolution} px at batch {s.batch_size} to step {s.until_step}" for s in self.config.stage_plan()
+                f"{s.resolution} px at batch {s.batch_size} to step {s.until_step}" for s in self.plan.stages
             )
         )
 
-    def report(self, last_grid: Path | None) -> None:
-        if last_grid is None:
-            grids = sorted((self.run_dir / "samples").glob("step_*.png"))
-            last_grid = grids[-1] if grids else None
-        if self.plan is not None:
-            print(f"pixrun: budget {format_duration(self.plan.seconds)}, used {format_duration(self.elapsed())} "
-                  f"({self.elapsed() / self.plan.seconds:.1%}) for {self.config.train.steps} steps")
+    def report(self) -> None:
+        if self.budget is not None:
+            seconds, used = self.budget.seconds, self.budget.elapsed()
+            print(f"pixrun: budget {format_duration(seconds)}, used {format_duration(used)} ({used / seconds:.1%}) "
+                  f"for {self.plan.total} steps")
         print(f"pixrun: done. Run folder: {self.run_dir}")
-        if last_grid is not None:
-            print(f"pixrun: samples: {last_grid}")
+        if self.scores is not None:
+            tasks = ", ".join(f"{task} {self.scores[task]:.3f}" for task in TASKS)
+            print(f"pixrun: strict scores of the EMA model: overall {self.scores['overall']:.3f} ({tasks}; held-out "
+                  f"pairs {self.scores['heldout_overall']:.3f}), in {self.run_dir / 'eval.json'}")
+        grids = sorted((self.run_dir / "samples").glob("step_*.png"))
+        if grids:
+            print(f"pixrun: samples: {grids[-1]}")
 
-    def log_values(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The step's figures averaged over ranks, with the counters: one collective and one read of the device."""
-        names = list(metrics)
-        means = self.world.mean(torch.stack([metrics[name].float() for name in names])).tolist()
-        values = dict(zip(names, means))
-        values["lr"] = self.state.lr
-        values["nonfinite_steps"] = int(self.state.nonfinite_total)
-        values["data_skipped"] = self.state.source.skipped
-        return values
+    def evaluate(self, step: int) -> None:
+        """The strict evaluator's scores of the EMA model after the last step (eval.at_end), as `pixrun eval`
+        gives them: generated in parts by every rank, scored by rank 0 and written to eval.json."""
+        with self.timed("evaluation"):
+            pipeline = self.state.ema_pipeline
+            scores = evaluate_pipeline(pipeline, build_world(self.config), self.config.eval, ranks=self.world)
+        if scores is None:
+            return
+        self.scores = scores
+        record = evaluation_record(scores, pipeline, self.config.eval, None, "ema")
+        (self.run_dir / "eval.json").write_text(json.dumps({"step": step, **record}, indent=1))
+        if self.logger is not None:
+            self.logger.record("eval", {k: v for k, v in scores.items() if v is not None}, step)
 
-    def sample(self, step: int, logger: RunLogger | None) -> Path | None:
+    def timed(self, event: str):
+        """Times an event for the budget, which reserves time for those still to come."""
+        return self.budget.timed(event) if self.budget is not None else nullcontext()
+
+    def sample(self, step: int) -> Path | None:
         """The sample grid of the EMA weights at the stage's resolution, generated in parts by every rank."""
         path = self.run_dir / "samples" / f"step_{step:07d}.png"
-        resolution = self.config.stage_at(step - 1)[0].resolution
+        resolution = self.plan.stage_at(step - 1)[0].resolution
         with self.timed("sample"):
             held_out = self.held_out(step, len(self.config.sample.grid_prompts))
             written = sample_grid(self.state.ema_pipeline, path, self.world, resolution, held_out or None)
-        if written is not None and logger is not None:
-            logger.image("samples/ema", written, step)
+        if written is not None and self.logger is not None:
+            self.logger.image("samples/ema", written, step)
         return written
 
     def held_out(self, step: int, count: int) -> HeldOut | None:
         """Up to `count` held-out samples to lead the rows of step `step`'s sample grid, at its stage's resolution;
         None when the data source has none to show (the grid shows sample.grid_prompts)."""
-        return self.state.source.grid_samples(self.config.stage_at(step - 1)[0], count)
+        return self.state.source.grid_samples(self.plan.stage_at(step - 1)[0], count)
 
     def measure(self, step: int, logger: RunLogger | None) -> None:
         """The configured metrics of EMA samples (FID/KID/CMMD/DINO-MMD against the data source's held-out sample
@@ -452,7 +569,7 @@ class Trainer:
         source's held-out sample at the stage's resolution; the images are generated and denoised in parts by
         every rank, scored on rank 0."""
         config = self.config.metrics
-        stage = self.config.stage_at(step - 1)[0]
+        stage = self.plan.stage_at(step - 1)[0]
         held_out = self.state.source.held_out(stage, config.num_images, config.seed)
         if len(held_out) < 2:  # too few to score (KID needs two)
             if self.world.is_main:
@@ -474,105 +591,18 @@ class Trainer:
             logger.record("quality", {**scores, **errors}, step)
 
     def save(self, step: int) -> Path:
-        """Checkpoint `step`: the state's tensors (Checkpointer), and beside them what `restore` reads back."""
+        """Checkpoint `step`: every owner's state (`checkpoint_states`)."""
         if isinstance(self.state.encode_text, TextCache):
             self.state.encode_text.flush()
-        saved = {
-            "data": self.state.source.state_dict(),
-            "world_size": self.world.size,
-            "config": dataclasses.asdict(self.config),
-            "saved_at": time.time(),
-        }
         with self.timed("checkpoint"):
-            if self.plan is not None:
-                self.plan.spent = self.elapsed() + self.event_seconds.get("checkpoint", 0.0)  # with this save's
-                self.plan.event_seconds = dict(self.event_seconds)
-                saved["budget"] = self.plan.state_dict()
-            return self.checkpointer.save(step, self.state.counters(), saved)
-
-    def restore(self, checkpoint: Path, saved: dict) -> None:
-        """The state as `save` left it at `checkpoint` (its state.json already read as `saved`); the budget plan
-        was taken from it before the state was built."""
-        self.checkpointer.load(checkpoint, self.state.counters())
-        self.start = saved["step"]
-        self.state.source.load_state_dict(saved.get("data", {}))
-
-    def budget_plan(self, saved: dict | None) -> BudgetPlan | None:
-        """The run's budget plan: the one in the checkpoint resumed from (with the time it had used), or a new one
-        from the configured stages; None without a budget."""
-        tc = self.config.train
-        seconds = budget_seconds(tc.budget, tc.budget_money, tc.device_hour_price, self.world.size)
-        if seconds is None:
-            return None
-        if saved is None:
-            stages = self.config.stage_plan()
-            plan = BudgetPlan.start(seconds, [s.until_step for s in stages], [s.batch_size for s in stages],
-                                    [s.budget_share for s in stages])
-        else:
-            plan = BudgetPlan.from_state(saved)
-            plan.seconds = seconds  # the resumed run may be given another budget
-        self.spent_before = plan.spent
-        self.apply_plan(plan)
-        return plan
-
-    def apply_plan(self, plan: BudgetPlan) -> None:
-        self.config.train.steps = plan.total_steps
-        for stage, end in zip(self.config.stages, plan.ends):
-            stage.until_step = end
-
-    def elapsed(self) -> float:
-        """Seconds of budget used: this process's, and the runs' before a resume."""
-        return self.spent_before + self.clock() - self.started
-
-    @contextmanager
-    def timed(self, event: str):
-        """Times a sample grid, a checkpoint or an evaluation: the plan reserves time for those still to come."""
-        begun = self.clock()
-        try:
-            yield
-        finally:
-            seconds = self.clock() - begun
-            self.event_seconds[event] = seconds
-            self.events_total += seconds
-
-    def follow_budget(self, done: int, logger: RunLogger | None) -> Path | None:
-        """On a logging step (the device has caught up): time the steps of this stage since its warm-up, without
-        the events among them, and plan its end from what every rank measured. The first plan first times each
-        kind of event the run will have (so the grid of this step may come back)."""
-        plan, tc = self.plan, self.config.train
-        stage = next(i for i, end in enumerate(plan.ends) if done - 1 < end)
-        stage_start = plan.ends[stage - 1] if stage else 0
-        if done >= plan.ends[stage]:
-            return None
-        if self.timing is None or self.timing[3] != stage:
-            if done - max(stage_start, self.start) >= tc.budget_warmup_steps:
-                self.timing = (self.clock(), done, self.events_total, stage)
-            return None
-        grid = None
-        if "sample" not in self.event_seconds:
-            grid = self.sample(done, logger)
-        if "checkpoint" not in self.event_seconds:
-            self.save(done)
-        if tc.metrics_every and "metrics" not in self.event_seconds:
-            self.measure(done, logger)
-        begun, begun_done, begun_events, _ = self.timing
-        step_seconds = (self.clock() - begun - (self.events_total - begun_events)) / (done - begun_done)
-        measured = [self.elapsed(), step_seconds, *(self.event_seconds.get(kind, 0.0) for kind in EVENTS)]
-        elapsed, step_seconds, *costs = self.world.mean(torch.tensor(measured, device=self.device)).tolist()
-        every = {"sample": tc.sample_every, "checkpoint": tc.checkpoint_every, "metrics": tc.metrics_every}
-        events = {kind: Periodic(every[kind], cost, at_end=bool(every[kind])) for kind, cost in zip(EVENTS, costs)}
-        plan.replan(stage, done, elapsed, step_seconds, events, self.config.optim)
-        self.apply_plan(plan)
-        if logger is not None:
-            logger.set_total(tc.steps)
-        return grid
+            return self.checkpointer.save(step)
 
     def budget_status(self) -> dict[str, str] | None:
         """What the progress bar shows of the budget: used, time to the end, money spent."""
-        if self.plan is None:
+        if self.budget is None:
             return None
-        tc, elapsed = self.config.train, self.elapsed()
-        status = {"budget": f"{elapsed / self.plan.seconds:.0%}", "left": format_duration(self.plan.seconds - elapsed)}
+        tc, elapsed, seconds = self.config.train, self.budget.elapsed(), self.budget.seconds
+        status = {"budget": f"{elapsed / seconds:.0%}", "left": format_duration(seconds - elapsed)}
         if tc.device_hour_price:
             status["cost"] = f"{elapsed / 3600 * tc.device_hour_price * self.world.size:.2f}"
         return status
