@@ -33,7 +33,7 @@ PROJECTORS = ("mlp", "conv")
 class REPAConfig(LossConfig):
     weight: float = 0.0  # λ; 0 switches it off; the recipe uses 0.5
     block: int = 7  # index into denoiser.blocks whose output is aligned (the recipe's "block 8")
-    hidden: int = 2048  # projector width
+    hidden: int = 2048  # the MLP projector's width (the conv projector has no hidden layer)
     # hub id or local directory of a DINOv2 (with or without registers) or DINOv3 ViT; "shapes": the shapes
     # world's own network, trained on first use and cached (pixrun.losses.shapes_teacher)
     teacher: str = DINO_HUB_ID
