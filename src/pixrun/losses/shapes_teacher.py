@@ -1,7 +1,7 @@
 """A feature network the shapes world trains for itself: REPA's teacher and the network of a perceptual loss where
 no pretrained network (DINO, VGG) can be downloaded.
 
-A small conv net (3x3 convs with stride, GroupNorm, SiLU; about 18 M multiply-adds per 64-px image) learns, for
+A small conv net (3x3 convs with stride, GroupNorm, SiLU; about 10 M multiply-adds per 64-px image) learns, for
 each cell of an 8x8 grid, the kind and the colour of the object covering the cell (or background) and where the
 cell lies in that object (its offset from the centre and the object's size): labels the world knows exactly
 (`ShapesWorld.render_labels`). It trains with AdamW for a fixed number of steps on a fixed pool of rendered
@@ -91,7 +91,8 @@ class ShapesFeatures(nn.Module):
         return taps
 
     def grid_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The last stage's features pooled to a `grid` of tokens, (B, grid_h * grid_w, dim) in raster order."""
+        """The last stage's features (8 x 8 cells) average-pooled to a `grid` of tokens, (B, grid_h * grid_w, dim)
+        in raster order; a grid finer than the cells repeats them."""
         features = F.adaptive_avg_pool2d(self.taps(x)[-1], grid)
         return features.flatten(2).transpose(1, 2)
 
