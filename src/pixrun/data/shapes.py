@@ -244,6 +244,18 @@ class ShapesWorld:
         image = background * (1 - alpha) + premultiplied
         return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
+    def render_labels(self, scene: Scene, resolution: int) -> np.ndarray:
+        """uint8 H×W map of which object covers each pixel of `render`'s image: 0 background, i + 1 object i of
+        `scene.objects`. A pixel is an object's when the object covers at least half of it (same geometry, same
+        supersampling as `render`)."""
+        side = resolution * SUPERSAMPLE
+        labels = np.zeros((resolution, resolution), dtype=np.uint8)
+        for i, obj in enumerate(scene.objects):
+            coverage = Image.new("L", (side, side))
+            draw_shape(ImageDraw.Draw(coverage), obj.kind, obj.cx * side, obj.cy * side, obj.size * side, 255)
+            labels[np.asarray(coverage.reduce(SUPERSAMPLE)) >= 128] = i + 1
+        return labels
+
     def batch(
         self, seed: int, index: int, batch_size: int, resolution: int, rows: slice = slice(None)
     ) -> tuple[torch.Tensor, list[str]]:

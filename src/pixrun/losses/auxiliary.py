@@ -8,9 +8,19 @@ The built-in terms register themselves when their modules are imported (BUILT_IN
 import torch
 from torch import nn
 
-from pixrun.losses import LOSS_TERMS, LossConfig, LossInputs, LossTerm, gated_mean, lpips, pdino, repa
+from pixrun.losses import (
+    LOSS_TERMS,
+    LossConfig,
+    LossInputs,
+    LossTerm,
+    gated_mean,
+    lpips,
+    pdino,
+    repa,
+    shapes_perceptual,
+)
 
-BUILT_IN = (lpips, pdino, repa)  # importing a term's module registers it: these, in the order they are summed
+BUILT_IN = (lpips, pdino, repa, shapes_perceptual)  # importing a term's module registers it: these, in the order they are summed
 
 
 def default_loss_sections() -> dict[str, LossConfig]:
@@ -36,7 +46,7 @@ class AuxiliaryLosses:
     def __init__(self, sections: dict[str, LossConfig], width: int, device: torch.device):
         """`sections`: Config.losses; `width`: the denoiser's."""
         self.sections = sections
-        shared: dict = {}  # frozen networks terms share (P-DINO's and REPA's DINO when they name the same)
+        shared: dict = {}  # frozen networks terms share (P-DINO's and REPA's DINO when they name the same, the shapes network)
         self.terms: dict[str, LossTerm] = {
             name: term.build(sections[name], width, device, shared)
             for name, term in LOSS_TERMS.items() if name in sections and sections[name].weight > 0
