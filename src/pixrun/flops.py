@@ -12,7 +12,8 @@ resizing, the loss arithmetic, the optimizer and EMA do not. Per part:
 - each loss term on at the step counts its own (`LossTerm.flops`): LPIPS's VGG and P-DINO's ViT are frozen but
   differentiated through: forward on x̂₀ and on x₀, backward to x̂₀ without weight gradients (3× one forward, plus
   attention's products once more: their backward needs the gradients of both operands); REPA: its teacher's
-  forward on x₀, and the projector's forward + backward on the tokens its block saw;
+  forward on x₀, and the projector's forward + backward on the tokens its block saw; self_align: its projector's,
+  and the EMA denoiser's forward up to `self_align.target_block` on all tokens (`LossTerm.ema_blocks`);
 - in latent space the denoiser and REPA's token grid are the latents' (resolution / the VAE's factor), and the
   frozen VAE counts where the step runs it: its encoder's forward on x₀ unless the latents come prepared, and its
   decoder's forward + backward to x̂₀ when LPIPS or P-DINO look at the decoded image.
@@ -87,6 +88,19 @@ def denoiser_flops(
     return forward, counter.get_total_flops()
 
 
+def ema_forward_flops(model: ModelConfig, resolution: int, text_tokens: int, blocks: int) -> int:
+    """The EMA denoiser's forward through its first `blocks` blocks on one resolution² image, all tokens, without
+    gradient (self_align's teacher); 0 for no block."""
+    if blocks == 0:
+        return 0
+    denoiser, _ = meta_denoiser(model, resolution, None)
+    with torch.device("meta"):
+        x, t = torch.empty(1, model.in_channels, resolution, resolution), torch.empty(1)
+        txt = torch.empty(1, text_tokens, model.context_dim)
+    with torch.no_grad():
+        return counted_flops(lambda: denoiser(x, t, txt, hidden_at=blocks - 1, stop_at_hidden=True))
+
+
 def text_encoder_flops(text: TextConfig, encoder: PretrainedConfig, text_tokens: int, trained: bool) -> int:
     """A transformers text encoder (the class pixrun's text tower uses for `encoder`) on `text_tokens` tokens:
     forward + backward when it trains, else its forward."""
@@ -120,8 +134,13 @@ def training_flops(
     on = terms_on(config.losses, stage, step)
     grid = grid_resolution // config.model.patch_size
     plan = meta_denoiser(config.model, grid_resolution, routing)[1] if on else None
-    terms = {name: LOSS_TERMS[name].flops(config.losses[name], config.model, resolution, grid, plan) if name in on
-             else 0 for name in config.losses}
+
+    def term_flops(name: str) -> int:
+        term, section = LOSS_TERMS[name], config.losses[name]
+        return (term.flops(section, config.model, resolution, grid, plan)
+                + ema_forward_flops(config.model, grid_resolution, text_tokens, term.ema_blocks(section)))
+
+    terms = {name: term_flops(name) if name in on else 0 for name in config.losses}
     text = 0
     if text_encoder is not None:
         text = text_encoder_flops(config.text, text_encoder, text_tokens, trained_text)

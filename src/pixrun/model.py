@@ -308,12 +308,15 @@ class Denoiser(nn.Module):
         txt_mask: torch.Tensor | None = None,
         routing: RoutePlan | None = None,
         hidden_at: int | None = None,
+        stop_at_hidden: bool = False,
     ):
         """x: (B, C, H, W) noisy image; t: (B,) in [0, 1], 1 = pure noise; txt: (B, L, context_dim).
         txt_mask: (B, L) True at real text tokens; pass None when no token is padded (the fused kernels then run
         without a mask). routing: None runs every token through every block; else TREAD with that plan.
         hidden_at: also return the image tokens block `hidden_at` put out (REPA aligns them), as (x̂, hidden);
-        under routing, the block's own tokens (`routing.tokens_at(hidden_at)` says which)."""
+        under routing, the block's own tokens (`routing.tokens_at(hidden_at)` says which).
+        stop_at_hidden: return only block `hidden_at`'s tokens and run no block after it (a teacher's features:
+        the self-alignment loss runs the EMA denoiser so); dense only. Through `forward`, so FSDP's hooks run."""
         c = self.config
         b, _, h, w = x.shape
         img = self.img_in(patchify(x, c.patch_size))
@@ -324,10 +327,14 @@ class Denoiser(nn.Module):
         if self.resolution_embedder is not None:
             vec = vec + self.resolution_embedder(x.new_full((b,), h), x.new_full((b,), w))
         hidden = None
+        if stop_at_hidden and (hidden_at is None or routing is not None):
+            raise ValueError("stop_at_hidden needs hidden_at and a dense forward (routing=None)")
         if routing is None:
-            for i, block in enumerate(self.blocks):
+            for i, block in enumerate(self.blocks[: hidden_at + 1] if stop_at_hidden else self.blocks):
                 img = block(img, txt, vec, rope, attn_bias)
                 hidden = img if i == hidden_at else hidden
+            if stop_at_hidden:
+                return hidden
         else:
             img, hidden = self.routed_blocks(img, txt, vec, rope, attn_bias, routing, hidden_at)
         out = unpatchify(self.final_layer(img, vec), c.patch_size, h, w)

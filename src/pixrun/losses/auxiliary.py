@@ -8,9 +8,19 @@ The built-in terms register themselves when their modules are imported (BUILT_IN
 import torch
 from torch import nn
 
-from pixrun.losses import LOSS_TERMS, LossConfig, LossInputs, LossTerm, gated_mean, lpips, pdino, repa
+from pixrun.losses import (
+    LOSS_TERMS,
+    LossConfig,
+    LossInputs,
+    LossTerm,
+    gated_mean,
+    lpips,
+    pdino,
+    repa,
+    self_align,
+)
 
-BUILT_IN = (lpips, pdino, repa)  # importing a term's module registers it: these, in the order they are summed
+BUILT_IN = (lpips, pdino, repa, self_align)  # importing a term's module registers it: these, in the order they are summed
 
 
 def default_loss_sections() -> dict[str, LossConfig]:
