@@ -7,7 +7,7 @@ matmuls count (linear layers, convolutions, attention, batched matmuls); norms, 
 resizing, the loss arithmetic, the optimizer and EMA do not. Per part:
 
 - the denoiser trains: forward + backward to its weights and to the text states when the text tower trains
-  (about 3× its forward);
+  (about 3× its forward); with SPRINT (`tread.fusion: sprint`) its fusion layer counts too;
 - the text encoder: forward + backward when it trains jointly, its forward when it is frozen;
 - each loss term on at the step counts its own (`LossTerm.flops`): LPIPS's VGG and P-DINO's ViT are frozen but
   differentiated through: forward on x̂₀ and on x₀, backward to x̂₀ without weight gradients (3× one forward, plus
@@ -58,11 +58,12 @@ class FlopCount:
 
 
 def meta_denoiser(
-    model: ModelConfig, resolution: int, routing: TokenRouting | None
+    model: ModelConfig, resolution: int, routing: TokenRouting | None, sprint_span: range | None = None
 ) -> tuple[Denoiser, RoutePlan | None]:
-    """The denoiser on the meta device, and a TREAD plan for one image (None: not routed)."""
+    """The denoiser on the meta device (with SPRINT's fusion after `sprint_span`), and a TREAD plan for one image
+    (None: not routed)."""
     with torch.device("meta"):
-        denoiser = Denoiser(model)
+        denoiser = Denoiser(model, sprint_span)
     if routing is None:
         return denoiser, None
     tokens = (resolution // model.patch_size) ** 2
@@ -71,12 +72,12 @@ def meta_denoiser(
 
 def denoiser_flops(
     model: ModelConfig, resolution: int, text_tokens: int, routing: TokenRouting | None = None,
-    text_trained: bool = False,
+    text_trained: bool = False, sprint_span: range | None = None,
 ) -> tuple[int, int]:
     """(forward, forward + backward) FLOPs of one resolution² image through the denoiser, with text padded to
-    `text_tokens`; with `routing`, TREAD's routed tokens skip its blocks. `text_trained`: the backward also reaches
-    the text states."""
-    denoiser, plan = meta_denoiser(model, resolution, routing)
+    `text_tokens`; with `routing`, TREAD's routed tokens skip its blocks; with `sprint_span`, SPRINT's fusion
+    runs after those blocks. `text_trained`: the backward also reaches the text states."""
+    denoiser, plan = meta_denoiser(model, resolution, routing, sprint_span)
     with torch.device("meta"):
         x, t = torch.empty(1, model.in_channels, resolution, resolution), torch.empty(1)
         txt = torch.empty(1, text_tokens, model.context_dim, requires_grad=text_trained)
@@ -88,12 +89,13 @@ def denoiser_flops(
     return forward, counter.get_total_flops()
 
 
-def ema_forward_flops(model: ModelConfig, resolution: int, text_tokens: int, blocks: int) -> int:
+def ema_forward_flops(model: ModelConfig, resolution: int, text_tokens: int, blocks: int,
+                      sprint_span: range | None = None) -> int:
     """The EMA denoiser's forward through its first `blocks` blocks on one resolution² image, all tokens, without
     gradient (self_align's teacher); 0 for no block."""
     if blocks == 0:
         return 0
-    denoiser, _ = meta_denoiser(model, resolution, None)
+    denoiser, _ = meta_denoiser(model, resolution, None, sprint_span)
     with torch.device("meta"):
         x, t = torch.empty(1, model.in_channels, resolution, resolution), torch.empty(1)
         txt = torch.empty(1, text_tokens, model.context_dim)
@@ -129,7 +131,9 @@ def training_flops(
     resolution, trained_text = stage.resolution, config.text.trainable
     grid_resolution = resolution // (autoencoder.factor if autoencoder is not None else 1)
     routing = config.tread if stage.routes(config.tread) else None
-    forward, training = denoiser_flops(config.model, grid_resolution, text_tokens, routing, trained_text)
+    sprint_span = config.tread.sprint_span(config.model.depth)
+    forward, training = denoiser_flops(config.model, grid_resolution, text_tokens, routing, trained_text,
+                                       sprint_span)
 
     on = terms_on(config.losses, stage, step)
     grid = grid_resolution // config.model.patch_size
@@ -138,7 +142,8 @@ def training_flops(
     def term_flops(name: str) -> int:
         term, section = LOSS_TERMS[name], config.losses[name]
         return (term.flops(section, config.model, resolution, grid, plan)
-                + ema_forward_flops(config.model, grid_resolution, text_tokens, term.ema_blocks(section)))
+                + ema_forward_flops(config.model, grid_resolution, text_tokens, term.ema_blocks(section),
+                                    sprint_span))
 
     terms = {name: term_flops(name) if name in on else 0 for name in config.losses}
     text = 0
