@@ -116,3 +116,20 @@ def test_a_released_latent_pipeline_fine_tunes_on_two_fsdp_processes_as_on_one(t
     run(pixrun_command(tmp_path / "one", *init))
     run(torchrun_command(2, tmp_path / "two", *init, "parallel.strategy=fsdp"))
     assert_same_state(list_checkpoints(tmp_path / "one")[-1], list_checkpoints(tmp_path / "two")[-1])
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_sprint_and_self_alignment_train_on_two_processes_as_on_one(strategy, tmp_path):
+    """SPRINT's fusion (a root-level layer, sharded with the denoiser's own parameters) and self_align's EMA
+    forward (the sharded EMA copy, stopped after a block) give the same model on 2 processes as on 1."""
+    steps = ["train.steps=6", "train.checkpoint_every=6", "train.sample_every=6", "model.depth=3",
+             "tread.enabled=true", "tread.fusion=sprint", "self_align.weight=0.5", "self_align.block=0",
+             "self_align.target_block=2", "self_align.hidden=16"]
+    run(pixrun_command(tmp_path / "one", *steps))
+    run(torchrun_command(2, tmp_path / "two", *steps, f"parallel.strategy={strategy}"))
+    one, two = list_checkpoints(tmp_path / "one")[-1], list_checkpoints(tmp_path / "two")[-1]
+    assert {"denoiser.sprint_fusion.mask_token", "self_align_projector.mlp.0.weight"} <= load_tensors(one, "weights").keys()
+    assert_same_state(one, two)
+    ours, theirs = last_record_per_step(tmp_path / "two"), last_record_per_step(tmp_path / "one")
+    for step in ours:
+        assert ours[step]["self_align"] == pytest.approx(theirs[step]["self_align"], rel=1e-4, abs=1e-6)

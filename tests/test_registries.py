@@ -161,7 +161,8 @@ def test_a_loss_term_and_a_data_source_from_outside_train_resume_and_count(regis
     assert flops.terms["probe"] == 3 * 2 * 16 * straight.model.width
     assert flops.total == flops.denoiser + flops.terms["probe"]
     assert training_flops(stripes_config(tmp_path, "off", "train.steps=4", "probe.until_step=2"), 2, 8).terms == {
-        "lpips": 0, "pdino": 0, "repa": 0, "shapes_perceptual": 0, "probe": 0}
+        "lpips": 0, "pdino": 0, "repa": 0, "shapes_perceptual": 0, "self_align": 0,
+        "probe": 0}
 
 
 def test_an_outside_source_and_term_are_configured_and_checked_like_the_built_in_ones(registered, tmp_path):
@@ -174,7 +175,7 @@ def test_an_outside_source_and_term_are_configured_and_checked_like_the_built_in
     staged = stripes_config(tmp_path, "run", "train.steps=4",
                             "stages=[{until_step: 4, resolution: 32, batch_size: 8, losses: [probe]}]")
     assert staged.stages[0].uses("probe")
-    with pytest.raises(ConfigError, match="'probes' is not one of lpips, pdino, repa, shapes_perceptual, probe"):
+    with pytest.raises(ConfigError, match="'probes' is not one of lpips, pdino, repa, shapes_perceptual, self_align, probe"):
         stripes_config(tmp_path, "run", "train.steps=4",
                        "stages=[{until_step: 4, resolution: 32, batch_size: 8, losses: [probes]}]")
     with pytest.raises(ValueError, match="data.shards is already a key of data"):

@@ -147,7 +147,7 @@ class Config:
             self.metrics.validate()
             self.log.validate()
             self._validate_losses()
-            if self.tread.enabled:
+            if self.tread.enabled or self.tread.fusion != "tread":  # SPRINT's fusion runs unrouted too
                 self.tread.blocks(self.model.depth)
         except ValueError as e:
             raise ConfigError(str(e)) from None

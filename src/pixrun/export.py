@@ -86,6 +86,9 @@ def check_exportable(config: Config) -> None:
             )
         if flow.t_clamp != DIFFUSERS_T_CLAMP:
             raise ExportError(f"flow.t_clamp is {flow.t_clamp}, but PRXPixelPipeline clamps t at {DIFFUSERS_T_CLAMP}")
+    if config.tread.fusion == "sprint":
+        raise ExportError("the run fuses its routed tokens with SPRINT (tread.fusion=sprint), whose fusion layer also "
+                          "runs at inference, and PRXTransformer2DModel has no such layer")
     for name in ("rope_theta", "time_max_period"):
         value = getattr(config.model, name)
         if value != int(value):

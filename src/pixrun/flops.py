@@ -7,12 +7,13 @@ matmuls count (linear layers, convolutions, attention, batched matmuls); norms, 
 resizing, the loss arithmetic, the optimizer and EMA do not. Per part:
 
 - the denoiser trains: forward + backward to its weights and to the text states when the text tower trains
-  (about 3× its forward);
+  (about 3× its forward); with SPRINT (`tread.fusion: sprint`) its fusion layer counts too;
 - the text encoder: forward + backward when it trains jointly, its forward when it is frozen;
 - each loss term on at the step counts its own (`LossTerm.flops`): LPIPS's VGG and P-DINO's ViT are frozen but
   differentiated through: forward on x̂₀ and on x₀, backward to x̂₀ without weight gradients (3× one forward, plus
   attention's products once more: their backward needs the gradients of both operands); REPA: its teacher's
-  forward on x₀, and the projector's forward + backward on the tokens its block saw;
+  forward on x₀, and the projector's forward + backward on the tokens its block saw; self_align: its projector's,
+  and the EMA denoiser's forward up to `self_align.target_block` on all tokens (`LossTerm.ema_blocks`);
 - in latent space the denoiser and REPA's token grid are the latents' (resolution / the VAE's factor), and the
   frozen VAE counts where the step runs it: its encoder's forward on x₀ unless the latents come prepared, and its
   decoder's forward + backward to x̂₀ when LPIPS or P-DINO look at the decoded image.
@@ -57,11 +58,12 @@ class FlopCount:
 
 
 def meta_denoiser(
-    model: ModelConfig, resolution: int, routing: TokenRouting | None
+    model: ModelConfig, resolution: int, routing: TokenRouting | None, sprint_span: range | None = None
 ) -> tuple[Denoiser, RoutePlan | None]:
-    """The denoiser on the meta device, and a TREAD plan for one image (None: not routed)."""
+    """The denoiser on the meta device (with SPRINT's fusion after `sprint_span`), and a TREAD plan for one image
+    (None: not routed)."""
     with torch.device("meta"):
-        denoiser = Denoiser(model)
+        denoiser = Denoiser(model, sprint_span)
     if routing is None:
         return denoiser, None
     tokens = (resolution // model.patch_size) ** 2
@@ -70,12 +72,12 @@ def meta_denoiser(
 
 def denoiser_flops(
     model: ModelConfig, resolution: int, text_tokens: int, routing: TokenRouting | None = None,
-    text_trained: bool = False,
+    text_trained: bool = False, sprint_span: range | None = None,
 ) -> tuple[int, int]:
     """(forward, forward + backward) FLOPs of one resolution² image through the denoiser, with text padded to
-    `text_tokens`; with `routing`, TREAD's routed tokens skip its blocks. `text_trained`: the backward also reaches
-    the text states."""
-    denoiser, plan = meta_denoiser(model, resolution, routing)
+    `text_tokens`; with `routing`, TREAD's routed tokens skip its blocks; with `sprint_span`, SPRINT's fusion
+    runs after those blocks. `text_trained`: the backward also reaches the text states."""
+    denoiser, plan = meta_denoiser(model, resolution, routing, sprint_span)
     with torch.device("meta"):
         x, t = torch.empty(1, model.in_channels, resolution, resolution), torch.empty(1)
         txt = torch.empty(1, text_tokens, model.context_dim, requires_grad=text_trained)
@@ -85,6 +87,20 @@ def denoiser_flops(
         forward = counter.get_total_flops()
         out.sum().backward()
     return forward, counter.get_total_flops()
+
+
+def ema_forward_flops(model: ModelConfig, resolution: int, text_tokens: int, blocks: int,
+                      sprint_span: range | None = None) -> int:
+    """The EMA denoiser's forward through its first `blocks` blocks on one resolution² image, all tokens, without
+    gradient (self_align's teacher); 0 for no block."""
+    if blocks == 0:
+        return 0
+    denoiser, _ = meta_denoiser(model, resolution, None, sprint_span)
+    with torch.device("meta"):
+        x, t = torch.empty(1, model.in_channels, resolution, resolution), torch.empty(1)
+        txt = torch.empty(1, text_tokens, model.context_dim)
+    with torch.no_grad():
+        return counted_flops(lambda: denoiser(x, t, txt, hidden_at=blocks - 1, stop_at_hidden=True))
 
 
 def text_encoder_flops(text: TextConfig, encoder: PretrainedConfig, text_tokens: int, trained: bool) -> int:
@@ -115,13 +131,21 @@ def training_flops(
     resolution, trained_text = stage.resolution, config.text.trainable
     grid_resolution = resolution // (autoencoder.factor if autoencoder is not None else 1)
     routing = config.tread if stage.routes(config.tread) else None
-    forward, training = denoiser_flops(config.model, grid_resolution, text_tokens, routing, trained_text)
+    sprint_span = config.tread.sprint_span(config.model.depth)
+    forward, training = denoiser_flops(config.model, grid_resolution, text_tokens, routing, trained_text,
+                                       sprint_span)
 
     on = terms_on(config.losses, stage, step)
     grid = grid_resolution // config.model.patch_size
     plan = meta_denoiser(config.model, grid_resolution, routing)[1] if on else None
-    terms = {name: LOSS_TERMS[name].flops(config.losses[name], config.model, resolution, grid, plan) if name in on
-             else 0 for name in config.losses}
+
+    def term_flops(name: str) -> int:
+        term, section = LOSS_TERMS[name], config.losses[name]
+        return (term.flops(section, config.model, resolution, grid, plan)
+                + ema_forward_flops(config.model, grid_resolution, text_tokens, term.ema_blocks(section),
+                                    sprint_span))
+
+    terms = {name: term_flops(name) if name in on else 0 for name in config.losses}
     text = 0
     if text_encoder is not None:
         text = text_encoder_flops(config.text, text_encoder, text_tokens, trained_text)

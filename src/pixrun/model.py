@@ -13,6 +13,12 @@ TREAD (token routing): given a `RoutePlan`, only the image tokens in `plan.kept_
 `plan.blocks`; the others skip them and are put back at their own positions after the last of them. So block i puts
 out (B, N_kept, width) hidden states, ordered as `plan.kept_index`, for i in `plan.blocks`, and all (B, N, width)
 image tokens for every other block (`plan.tokens_at(i)` says which); `hidden_at=i` returns them for REPA.
+
+SPRINT (`tread.fusion: sprint`, Park et al. 2025): after the routed span, the tokens are not simply put back but
+fused by a linear layer over [dense ; deep] (`SprintFusion`): dense = the span's input, all tokens; deep = its
+output, the kept tokens at their positions and the dropped ones as they skipped it plus a learnt mask token. The
+layer starts as [0 ; I], so a fresh fusion gives exactly TREAD's re-insertion. It runs in the dense forward too
+(there deep is every token's output), as SPRINT's model does at inference; the diffusers model has no such layer.
 """
 
 import math
@@ -75,15 +81,22 @@ class TokenRouting:
     fraction: float = 0.5
     start: int = 1
     end: int = -1
+    fusion: str = "tread"  # tread: the routed tokens rejoin unchanged; sprint: SPRINT's fusion layer (model.py)
 
     def blocks(self, depth: int) -> range:
         """The routed blocks of a depth-`depth` model; raises ValueError on a bad setting."""
         routed = range(depth)[self.start:self.end]
         if not 0 <= self.fraction < 1:
             raise ValueError(f"tread.fraction must be in [0, 1), got {self.fraction}")
+        if self.fusion not in ("tread", "sprint"):
+            raise ValueError(f"tread.fusion must be tread or sprint, got {self.fusion!r}")
         if not routed:
             raise ValueError(f"tread.start {self.start}, tread.end {self.end} select no block of a depth-{depth} model")
         return routed
+
+    def sprint_span(self, depth: int) -> range | None:
+        """The blocks after which SPRINT fuses (the routed ones), or None without SPRINT's fusion."""
+        return self.blocks(depth) if self.fusion == "sprint" else None
 
 
 @dataclass
@@ -238,6 +251,32 @@ class FinalLayer(nn.Module):
         return self.linear((1 + scale[:, None]) * self.norm_final(x) + shift[:, None])
 
 
+class SprintFusion(nn.Module):
+    """SPRINT's sparse-dense fusion: one linear layer over [dense ; deep], and the mask token that marks the tokens
+    that skipped the routed span."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(2 * width, width)
+        self.mask_token = nn.Parameter(torch.zeros(width))
+
+    def reset_parameters(self) -> None:
+        """[0 ; I]: the fused tokens start as the deep ones, i.e. as TREAD puts them back."""
+        width = self.mask_token.shape[0]
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.cat([torch.zeros(width, width), torch.eye(width)], dim=1))
+            self.linear.bias.zero_()
+            self.mask_token.zero_()
+
+    def forward(self, dense: torch.Tensor, deep: torch.Tensor, kept_index: torch.Tensor | None) -> torch.Tensor:
+        """dense (B, N, width): the span's input; deep: its output, (B, N_kept, width) at `kept_index`, or all N
+        (kept_index None: nothing was dropped). Returns the (B, N, width) fused tokens."""
+        if kept_index is not None:
+            index = kept_index[:, :, None].expand(-1, -1, deep.shape[-1])
+            deep = (dense + self.mask_token.to(dense.dtype)).scatter(1, index, deep.to(dense.dtype))
+        return self.linear(torch.cat([dense, deep], dim=-1))
+
+
 class ResolutionEmbedder(nn.Module):
     def __init__(self, width: int, max_period: float):
         super().__init__()
@@ -250,7 +289,9 @@ class ResolutionEmbedder(nn.Module):
 
 
 class Denoiser(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, sprint_span: range | None = None):
+        """`sprint_span`: the routed blocks after which SPRINT's fusion runs (`TokenRouting.sprint_span`); None:
+        no fusion layer, the parameters are diffusers' name for name."""
         super().__init__()
         config.validate()
         self.config = c = config
@@ -262,6 +303,8 @@ class Denoiser(nn.Module):
         self.txt_in = nn.Linear(c.context_dim, c.width)
         self.resolution_embedder = ResolutionEmbedder(c.width, c.time_max_period) if c.resolution_embeds else None
         self.blocks = nn.ModuleList([Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth)])
+        self.sprint_span = sprint_span
+        self.sprint_fusion = SprintFusion(c.width) if sprint_span is not None else None
         self.final_layer = FinalLayer(c.width, c.patch_dim)
         # RoPE's (cos, sin) by (grid_h, grid_w, device): a plain dict, so not in the state dict
         self.rope_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -278,6 +321,8 @@ class Denoiser(nn.Module):
         for linear in zero_init:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+        if self.sprint_fusion is not None:
+            self.sprint_fusion.reset_parameters()
 
     def plan_routing(
         self, routing: TokenRouting, num_tokens: int, generators: list[torch.Generator], device
@@ -308,12 +353,15 @@ class Denoiser(nn.Module):
         txt_mask: torch.Tensor | None = None,
         routing: RoutePlan | None = None,
         hidden_at: int | None = None,
+        stop_at_hidden: bool = False,
     ):
         """x: (B, C, H, W) noisy image; t: (B,) in [0, 1], 1 = pure noise; txt: (B, L, context_dim).
         txt_mask: (B, L) True at real text tokens; pass None when no token is padded (the fused kernels then run
         without a mask). routing: None runs every token through every block; else TREAD with that plan.
         hidden_at: also return the image tokens block `hidden_at` put out (REPA aligns them), as (x̂, hidden);
-        under routing, the block's own tokens (`routing.tokens_at(hidden_at)` says which)."""
+        under routing, the block's own tokens (`routing.tokens_at(hidden_at)` says which).
+        stop_at_hidden: return only block `hidden_at`'s tokens and run no block after it (a teacher's features:
+        the self-alignment loss runs the EMA denoiser so); dense only. Through `forward`, so FSDP's hooks run."""
         c = self.config
         b, _, h, w = x.shape
         img = self.img_in(patchify(x, c.patch_size))
@@ -324,10 +372,18 @@ class Denoiser(nn.Module):
         if self.resolution_embedder is not None:
             vec = vec + self.resolution_embedder(x.new_full((b,), h), x.new_full((b,), w))
         hidden = None
+        if stop_at_hidden and (hidden_at is None or routing is not None):
+            raise ValueError("stop_at_hidden needs hidden_at and a dense forward (routing=None)")
         if routing is None:
-            for i, block in enumerate(self.blocks):
+            for i, block in enumerate(self.blocks[: hidden_at + 1] if stop_at_hidden else self.blocks):
+                if self.sprint_span is not None and i == self.sprint_span.start:
+                    dense = img
                 img = block(img, txt, vec, rope, attn_bias)
                 hidden = img if i == hidden_at else hidden
+                if self.sprint_span is not None and i == self.sprint_span.stop - 1:
+                    img = self.sprint_fusion(dense, img, None)
+            if stop_at_hidden:
+                return hidden
         else:
             img, hidden = self.routed_blocks(img, txt, vec, rope, attn_bias, routing, hidden_at)
         out = unpatchify(self.final_layer(img, vec), c.patch_size, h, w)
@@ -335,6 +391,8 @@ class Denoiser(nn.Module):
 
     def routed_blocks(self, img, txt, vec, rope, attn_bias, plan: RoutePlan,
                       hidden_at: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.sprint_span is not None and plan.blocks != self.sprint_span:
+            raise ValueError(f"the plan routes blocks {plan.blocks}, but SPRINT fuses after {self.sprint_span}")
         index = plan.kept_index[:, :, None].expand(-1, -1, img.shape[-1])
         # (B, 1, N_kept, head_dim / 2): RoPE of the kept tokens' positions
         kept_rope = tuple(part[plan.kept_index][:, None] for part in rope)
@@ -346,7 +404,9 @@ class Denoiser(nn.Module):
             routed = i in plan.blocks
             img = block(img, txt, vec, kept_rope if routed else rope, kept_bias if routed else attn_bias)
             hidden = img if i == hidden_at else hidden
-            if i == plan.blocks.stop - 1:
+            if i == plan.blocks.stop - 1 and self.sprint_fusion is not None:
+                img = self.sprint_fusion(all_tokens, img, plan.kept_index)
+            elif i == plan.blocks.stop - 1:
                 img = all_tokens.scatter(1, index, img.to(all_tokens.dtype))
         return img, hidden
 

@@ -66,7 +66,8 @@ class Pipeline:
         if autoencoder is not None:
             check_latent_sizes(config, autoencoder)
         in_channels = autoencoder.channels if autoencoder is not None else None
-        denoiser = Denoiser(denoiser_config(config.model, text_tower.dim, in_channels))
+        denoiser = Denoiser(denoiser_config(config.model, text_tower.dim, in_channels),
+                            config.tread.sprint_span(config.model.depth))
         return cls(denoiser, text_tower, Flow(config.flow), config.sample, config.train.precision, config.tread,
                    config.data.resolution, autoencoder)
 

@@ -266,8 +266,23 @@ def compute_losses(state: TrainState, inputs: StepInputs, step: int) -> tuple[to
             pixels_per_token *= autoencoder.factor
             if state.aux.compares_images(stage, step):
                 x0_hat = autoencoder.decode(x0_hat)
-        terms = state.aux(LossInputs(x0_hat, inputs.images, t, step, pixels_per_token, inputs.routing, hidden), stage)
+        terms = state.aux(LossInputs(x0_hat, inputs.images, t, step, pixels_per_token, inputs.routing, hidden,
+                                     ema_hidden(state, inputs, txt, mask)), stage)
     return flow.loss(pred.float(), inputs.x0, inputs.eps, x_t, t), terms
+
+
+def ema_hidden(state: TrainState, inputs: StepInputs, txt: torch.Tensor,
+               mask: torch.Tensor | None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """`LossInputs.ema_hidden`: the EMA denoiser, without gradient, dense, up to a block, on the step's x₀ and noise
+    mixed at other noise levels. It takes the student's text states (the EMA's own when the text tower is frozen;
+    a jointly trained tower's EMA is not run again for this)."""
+
+    def run(t: torch.Tensor, block: int) -> torch.Tensor:
+        x_t = state.pipeline.flow.add_noise(inputs.x0, inputs.eps, t)
+        with torch.no_grad():
+            return state.ema_pipeline.denoiser(x_t, t, txt.detach(), mask, hidden_at=block, stop_at_hidden=True)
+
+    return run
 
 
 def apply_update(state: TrainState, step: int, loss: torch.Tensor, has_rows: bool) -> torch.Tensor:

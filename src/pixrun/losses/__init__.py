@@ -6,6 +6,7 @@ pretrained weights (a local file or a URL) with the one-line error when they are
 counting on the meta device.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -102,6 +103,9 @@ class LossInputs:
     pixels_per_token: int  # image pixels per side of one denoiser token
     routing: RoutePlan | None = None  # TREAD's plan of this step, None when not routed
     hidden: torch.Tensor | None = None  # the output of the block the terms asked for (`LossTerm.hidden_block`)
+    # (t, block) -> the EMA denoiser's output of `block`, all (B, N, width) tokens, without gradient, on this step's
+    # x₀ and noise mixed at levels t (self_align's teacher); run only when a term calls it
+    ema_hidden: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
 
 class LossTerm:
@@ -109,7 +113,7 @@ class LossTerm:
 
     It declares its config section (`name`, `config_class`: a LossConfig), whether it compares x̂₀ with the real
     image as images (`compares_images`: in latent space x̂₀ is then decoded for it), and the denoiser block whose
-    output it needs (`hidden_block`); it builds its networks (`build`), gives its per-sample loss (`__call__`), its
+    output it needs (`hidden_block`) and how many of the EMA denoiser's blocks it runs (`ema_blocks`); it builds its networks (`build`), gives its per-sample loss (`__call__`), its
     trained modules (`trainable`: optimised, EMA'd and checkpointed with the model under their names) and its FLOPs
     per image (`flops`). Weight, t-gate, step gate and per-stage switch are applied by AuxiliaryLosses."""
 
@@ -132,6 +136,12 @@ class LossTerm:
 
     def trainable(self) -> dict[str, nn.Module]:
         return {}
+
+    @classmethod
+    def ema_blocks(cls, config: LossConfig) -> int:
+        """How many of the EMA denoiser's first blocks the term runs per step through `LossInputs.ema_hidden`;
+        `pixrun.flops` counts that forward (all tokens, with the step's text) as the term's. 0: none."""
+        return 0
 
     def __call__(self, inputs: LossInputs) -> torch.Tensor:
         """(B,) per-sample losses."""

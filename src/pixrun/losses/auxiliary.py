@@ -17,10 +17,12 @@ from pixrun.losses import (
     lpips,
     pdino,
     repa,
+    self_align,
     shapes_perceptual,
 )
 
-BUILT_IN = (lpips, pdino, repa, shapes_perceptual)  # importing a term's module registers it: these, in the order they are summed
+# importing a term's module registers it: these, in the order they are summed
+BUILT_IN = (lpips, pdino, repa, shapes_perceptual, self_align)
 
 
 def default_loss_sections() -> dict[str, LossConfig]:
