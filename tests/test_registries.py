@@ -175,7 +175,7 @@ def test_an_outside_source_and_term_are_configured_and_checked_like_the_built_in
     staged = stripes_config(tmp_path, "run", "train.steps=4",
                             "stages=[{until_step: 4, resolution: 32, batch_size: 8, losses: [probe]}]")
     assert staged.stages[0].uses("probe")
-    with pytest.raises(ConfigError, match="'probes' is not one of lpips, pdino, repa, shapes_perceptual, self_align, probe"):
+    with pytest.raises(ConfigError, match="'probes' is not one of lpips, pdino, repa, self_align, shapes_perceptual, probe"):
         stripes_config(tmp_path, "run", "train.steps=4",
                        "stages=[{until_step: 4, resolution: 32, batch_size: 8, losses: [probes]}]")
     with pytest.raises(ValueError, match="data.shards is already a key of data"):

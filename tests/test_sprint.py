@@ -9,8 +9,9 @@ from pixrun.config import ConfigError, load_config
 from pixrun.export import ExportError, export_run
 from pixrun.flops import denoiser_flops, training_flops
 from pixrun.model import Denoiser, ModelConfig, TokenRouting
-from pixrun.pipeline import build_pipeline
+from pixrun.pipeline import Pipeline
 from pixrun.pretrained import load_init_weights
+from pixrun.text import TextTower
 from pixrun.train import train
 from tests.conftest import TINY_OVERRIDES
 from tests.test_tread import TINY, generators, inputs, random_model
@@ -128,15 +129,17 @@ def test_a_run_with_it_resumes_bit_exactly_and_is_not_exported(tmp_path):
 def test_released_weights_load_with_a_fresh_fusion_and_predict_as_before(tmp_path):
     """Diffusers-named weights (no fusion layer) start a SPRINT run: the fusion keeps its initialisation, so the
     dense prediction is the released model's."""
-    plain = build_pipeline(sprint_config(tmp_path, "plain", "tread.fusion=tread"), ["a red circle"])
+    plain_config = sprint_config(tmp_path, "plain", "tread.fusion=tread")
+    plain = Pipeline.from_config(plain_config, TextTower.build(plain_config.text, ["a red circle"]))
     with torch.no_grad():
         for p in plain.denoiser.parameters():
             p.normal_(std=0.05)
     init = tmp_path / "released"
     (init / "transformer").mkdir(parents=True)
     save_file(plain.denoiser.state_dict(), init / "transformer" / "diffusion_pytorch_model.safetensors")
-    sprint = build_pipeline(sprint_config(tmp_path, "sprint", f"init={init}"), ["a red circle"])
-    load_init_weights(sprint, sprint_config(tmp_path, "sprint", f"init={init}"))
+    sprint_run = sprint_config(tmp_path, "sprint", f"init={init}")
+    sprint = Pipeline.from_config(sprint_run, TextTower.build(sprint_run.text, ["a red circle"]))
+    load_init_weights(sprint, sprint_run)
     x, t, txt, mask = torch.randn(2, 3, 32, 32), torch.rand(2), torch.randn(2, 5, 32), None
     with torch.no_grad():
         torch.testing.assert_close(sprint.denoiser(x, t, txt, mask), plain.denoiser(x, t, txt, mask), atol=1e-6,

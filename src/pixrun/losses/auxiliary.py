@@ -22,7 +22,7 @@ from pixrun.losses import (
 )
 
 # importing a term's module registers it: these, in the order they are summed
-BUILT_IN = (lpips, pdino, repa, shapes_perceptual, self_align)
+BUILT_IN = (lpips, pdino, repa, self_align, shapes_perceptual)
 
 
 def default_loss_sections() -> dict[str, LossConfig]:
