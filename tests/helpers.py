@@ -193,3 +193,19 @@ def counting_whole_tensors():
         yield counted
     finally:
         ShardReader.whole = assemble
+
+
+def assert_resumed_as_straight(straight: Path, resumed: Path, holds: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The last checkpoints of a run trained straight and of one stopped and resumed hold bit-identical weights
+    and EMA, among them a tensor whose name starts with `holds`; returns the straight run's, by kind."""
+    from pixrun.checkpoint import list_checkpoints, load_tensors
+
+    a, b = list_checkpoints(straight)[-1], list_checkpoints(resumed)[-1]
+    assert a.name == b.name
+    tensors = {}
+    for name in ("weights", "ema"):
+        ta, tb = load_tensors(a, name), load_tensors(b, name)
+        assert any(key.startswith(holds) for key in ta) and ta.keys() == tb.keys()
+        assert all(torch.equal(ta[key], tb[key]) for key in ta), f"{name} differs after resume"
+        tensors[name] = ta
+    return tensors

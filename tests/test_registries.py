@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from pixrun.checkpoint import list_checkpoints, load_tensors
 from pixrun.config import ConfigError, load_config
 from pixrun.data.source import DATA_SOURCES, DataSource, HeldOut, LocalBatch, register_source
 from pixrun.flops import training_flops
 from pixrun.losses import LOSS_TERMS, LossConfig, LossInputs, LossTerm, counted_flops, register_loss
 from pixrun.train import Trainer, train
 from tests.conftest import TINY_OVERRIDES
+from tests.helpers import assert_resumed_as_straight
 
 
 @dataclass
@@ -145,12 +145,7 @@ def test_a_loss_term_and_a_data_source_from_outside_train_resume_and_count(regis
     assert resumed.state.source.served == 2  # its state came back with the checkpoint
     resumed.run()
     resumed.close()
-    a, b = list_checkpoints(tmp_path / "straight")[-1], list_checkpoints(tmp_path / "resumed")[-1]
-    assert a.name == b.name == "step_0000004"
-    for name in ("weights", "ema"):
-        ta, tb = load_tensors(a, name), load_tensors(b, name)
-        assert any(key.startswith("probe.") for key in ta) and ta.keys() == tb.keys()
-        assert all(torch.equal(ta[key], tb[key]) for key in ta), f"{name} differs after resume"
+    assert_resumed_as_straight(tmp_path / "straight", tmp_path / "resumed", "probe.")
     straight_log, resumed_log = ((tmp_path / run / "metrics.jsonl").read_text().splitlines()
                                  for run in ("straight", "resumed"))
     assert [json.loads(r)["probe"] for r in straight_log] == [json.loads(r)["probe"] for r in resumed_log]

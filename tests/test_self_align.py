@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pixrun.checkpoint import list_checkpoints, load_tensors
 from pixrun.config import ConfigError, load_config
 from pixrun.flops import denoiser_flops, training_flops
 from pixrun.flow import Flow, FlowConfig
@@ -16,6 +15,7 @@ from pixrun.losses.self_align import SelfAlignConfig, SelfAlignTerm
 from pixrun.model import TokenRouting
 from pixrun.train import Trainer, ema_hidden, train
 from tests.conftest import TINY_OVERRIDES
+from tests.helpers import assert_resumed_as_straight
 from tests.test_tread import generators, inputs, random_model
 
 BLOCK, TARGET = 1, 2
@@ -84,12 +84,7 @@ def test_a_run_with_it_trains_resumes_bit_exactly_and_counts_its_flops(tmp_path)
     train(config(tmp_path, "straight", "train.steps=4"))
     train(config(tmp_path, "resumed", "train.steps=2"))
     train(config(tmp_path, "resumed", "train.steps=4"), resume="auto")
-    a, b = list_checkpoints(tmp_path / "straight")[-1], list_checkpoints(tmp_path / "resumed")[-1]
-    assert a.name == b.name == "step_0000004"
-    for name in ("weights", "ema"):
-        ta, tb = load_tensors(a, name), load_tensors(b, name)
-        assert any(key.startswith("self_align_projector.") for key in ta) and ta.keys() == tb.keys()
-        assert all(torch.equal(ta[key], tb[key]) for key in ta), f"{name} differs after resume"
+    assert_resumed_as_straight(tmp_path / "straight", tmp_path / "resumed", "self_align_projector.")
     logs = [[json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("straight", "resumed")]
     assert [r["self_align"] for r in logs[0]] == [r["self_align"] for r in logs[1]]

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from pixrun.checkpoint import list_checkpoints, load_tensors
 from pixrun.config import ConfigError, load_config
 from pixrun.data.shapes import COLOR_RGB, SHAPE_KINDS, ShapesWorld
 from pixrun.flops import training_flops
@@ -26,6 +25,7 @@ from pixrun.losses.shapes_teacher import (
 from pixrun.model import Denoiser, ModelConfig, RoutePlan
 from pixrun.train import Trainer, train
 from tests.conftest import TINY_OVERRIDES
+from tests.helpers import assert_resumed_as_straight
 
 # trains in about 5 s of one core: enough to learn colours and tell objects from background
 TINY_SPEC = TeacherSpec(scenes=64, steps=80, batch_size=8, lr=5e-3, test_scenes=32)
@@ -189,12 +189,7 @@ def test_a_run_with_the_shapes_teacher_trains_resumes_bit_exactly_and_counts_flo
     resumed = Trainer(teacher_config(tmp_path, "resumed", "train.steps=4"), resume="auto")
     resumed.run()
     resumed.close()
-    a, b = list_checkpoints(tmp_path / "straight")[-1], list_checkpoints(tmp_path / "resumed")[-1]
-    assert a.name == b.name == "step_0000004"
-    for name in ("weights", "ema"):
-        ta, tb = load_tensors(a, name), load_tensors(b, name)
-        assert any(key.startswith("repa_projector.") for key in ta) and ta.keys() == tb.keys()
-        assert all(torch.equal(ta[key], tb[key]) for key in ta), f"{name} differs after resume"
+    assert_resumed_as_straight(tmp_path / "straight", tmp_path / "resumed", "repa_projector.")
     logs = [[json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("straight", "resumed")]
     assert [(r["repa"], r["shapes_perceptual"]) for r in logs[0]] == [
