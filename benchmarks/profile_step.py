@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pixrun.config import load_config
+from pixrun.runtime import cpu_has_amx
 from pixrun.train import Trainer
 
 MATMULS = ("aten::mm", "aten::addmm")
@@ -46,7 +47,7 @@ def main() -> None:
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
     print(json.dumps({
         "config": path, "overrides": overrides, "steps": args.steps, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "profiled_ms_per_step": total / args.steps / 1e3,
+        "cpu": platform.processor() or platform.machine(), "amx": cpu_has_amx(), "profiled_ms_per_step": total / args.steps / 1e3,
         "shares": {"matmuls": matmuls / total, "newton_schulz": newton_schulz / total,
                    "optimizer_step": optimizer / total, "other": 1 - (matmuls + newton_schulz) / total},
         "top": {e.key: round(e.self_cpu_time_total / total, 4) for e in top},

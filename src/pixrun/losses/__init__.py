@@ -154,6 +154,32 @@ class LossTerm:
         raise NotImplementedError
 
 
+class ImageDistanceTerm(LossTerm):
+    """A term that is a frozen network's distance between x̂₀ and x₀ as images (LPIPS, P-DINO, the shapes world's
+    perceptual loss): a subclass builds its network and says how to make one on the meta device for its FLOPs."""
+
+    compares_images = True
+
+    def __init__(self, config: LossConfig, network: nn.Module):
+        super().__init__(config)
+        self.network = network
+
+    def __call__(self, inputs: LossInputs) -> torch.Tensor:
+        return self.network(inputs.x0_hat, inputs.images)
+
+    @classmethod
+    def meta_network(cls, config: LossConfig) -> nn.Module:
+        """The term's network on the meta device (called under `torch.device("meta")`), for counting FLOPs."""
+        raise NotImplementedError
+
+    @classmethod
+    def flops(cls, config: LossConfig, model: ModelConfig, resolution: int, grid: int,
+              routing: RoutePlan | None) -> int:
+        with torch.device("meta"):
+            network = cls.meta_network(config)
+        return perceptual_flops(network, resolution)
+
+
 LOSS_TERMS: dict[str, type[LossTerm]] = {}  # name -> term, in the order terms are built and summed
 
 

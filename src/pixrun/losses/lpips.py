@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixrun.losses import LossConfig, LossInputs, LossTerm, load_weights, perceptual_flops, register_loss
+from pixrun.losses import (
+    ImageDistanceTerm,
+    LossConfig,
+    load_weights,
+    register_loss,
+)
 from pixrun.losses.vgg import TAP_CHANNELS, VGG16_URL, VGG16Features
 
 LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -94,26 +99,16 @@ class LPIPS(nn.Module):
 
 
 @register_loss
-class LPIPSTerm(LossTerm):
+class LPIPSTerm(ImageDistanceTerm):
     """LPIPS(x̂₀, x₀) per sample: x̂₀ as an image."""
 
     name = "lpips"
     config_class = LPIPSConfig
-    compares_images = True
-
-    def __init__(self, config: LPIPSConfig, network: LPIPS):
-        super().__init__(config)
-        self.network = network
 
     @classmethod
     def build(cls, config: LPIPSConfig, width: int, device: torch.device, shared: dict) -> "LPIPSTerm":
         return cls(config, LPIPS.from_config(config).to(device))
 
-    def __call__(self, inputs: LossInputs) -> torch.Tensor:
-        return self.network(inputs.x0_hat, inputs.images)
-
     @classmethod
-    def flops(cls, config: LPIPSConfig, model, resolution: int, grid: int, routing) -> int:
-        with torch.device("meta"):
-            network = LPIPS(config.downsample)
-        return perceptual_flops(network, resolution)
+    def meta_network(cls, config: LPIPSConfig) -> LPIPS:
+        return LPIPS(config.downsample)

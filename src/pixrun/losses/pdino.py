@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixrun.errors import ConfigError
-from pixrun.losses import LossConfig, LossInputs, LossTerm, perceptual_flops, register_loss
+from pixrun.losses import ImageDistanceTerm, LossConfig, register_loss
 from pixrun.losses.dino import DINO_HUB_ID, DinoFeatures, dino_config
 
 
@@ -56,17 +56,12 @@ class PDino(nn.Module):
 
 
 @register_loss
-class PDinoTerm(LossTerm):
+class PDinoTerm(ImageDistanceTerm):
     """P-DINO(x̂₀, x₀) per sample: x̂₀ as an image; its DINO network is shared with REPA's teacher when both name
     the same one."""
 
     name = "pdino"
     config_class = PDinoConfig
-    compares_images = True
-
-    def __init__(self, config: PDinoConfig, network: PDino):
-        super().__init__(config)
-        self.network = network
 
     @classmethod
     def build(cls, config: PDinoConfig, width: int, device: torch.device, shared: dict) -> "PDinoTerm":
@@ -75,13 +70,8 @@ class PDinoTerm(LossTerm):
         shared[key] = network.dino
         return cls(config, network)
 
-    def __call__(self, inputs: LossInputs) -> torch.Tensor:
-        return self.network(inputs.x0_hat, inputs.images)
-
     @classmethod
-    def flops(cls, config: PDinoConfig, model, resolution: int, grid: int, routing) -> int:
-        with torch.device("meta"):
-            dino = DinoFeatures.from_config(dino_config(config.source, config.random_init, "pdino.source",
-                                                        "pdino.random_init"))
-            network = PDino(dino, config.size)
-        return perceptual_flops(network, resolution)
+    def meta_network(cls, config: PDinoConfig) -> PDino:
+        dino = DinoFeatures.from_config(dino_config(config.source, config.random_init, "pdino.source",
+                                                    "pdino.random_init"))
+        return PDino(dino, config.size)

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pixrun.losses import LossConfig, LossInputs, LossTerm, perceptual_flops, register_loss, shapes_teacher
+from pixrun.losses import (
+    ImageDistanceTerm,
+    LossConfig,
+    register_loss,
+    shapes_teacher,
+)
 from pixrun.losses.shapes_teacher import ShapesFeatures
 
 
@@ -41,16 +46,11 @@ class ShapesPerceptual(nn.Module):
 
 
 @register_loss
-class ShapesPerceptualTerm(LossTerm):
+class ShapesPerceptualTerm(ImageDistanceTerm):
     """The shapes network's perceptual distance between x̂₀ and x₀ per sample: x̂₀ as an image."""
 
     name = "shapes_perceptual"
     config_class = ShapesPerceptualConfig
-    compares_images = True
-
-    def __init__(self, config: ShapesPerceptualConfig, network: ShapesPerceptual):
-        super().__init__(config)
-        self.network = network
 
     @classmethod
     def build(cls, config: ShapesPerceptualConfig, width: int, device: torch.device,
@@ -60,12 +60,7 @@ class ShapesPerceptualTerm(LossTerm):
             shared[key] = shapes_teacher.load_teacher()[0].to(device)
         return cls(config, ShapesPerceptual(shared[key]))
 
-    def __call__(self, inputs: LossInputs) -> torch.Tensor:
-        return self.network(inputs.x0_hat, inputs.images)
-
     @classmethod
-    def flops(cls, config: ShapesPerceptualConfig, model, resolution: int, grid: int, routing) -> int:
-        with torch.device("meta"):
-            spec = shapes_teacher.DEFAULT_SPEC
-            network = ShapesPerceptual(ShapesFeatures(spec.widths, spec.resolution).requires_grad_(False))
-        return perceptual_flops(network, resolution)
+    def meta_network(cls, config: ShapesPerceptualConfig) -> ShapesPerceptual:
+        spec = shapes_teacher.DEFAULT_SPEC
+        return ShapesPerceptual(ShapesFeatures(spec.widths, spec.resolution).requires_grad_(False))
