@@ -66,6 +66,7 @@ TINY = [
     "train.threads=1", "train.precision=fp32", "train.device=cpu", "optim.name=muon", "parallel.strategy=auto",
     f"train.steps={WARMUP_STEPS + COUNTED_STEPS}", "sample.steps=2", "sample.grid_seeds=1",
     "sample.grid_prompts=[a photo of a circle,a photo of a red square]",
+    "repa.weight=0", "shapes_perceptual.weight=0",  # the default's shapes teacher: a per-image cost, like the model
 ]
 METRICS = {  # compared 4 processes / 1 process; the largest value over ranks
     "peak_rss_bytes": "ru_maxrss of the rank process",

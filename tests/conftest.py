@@ -1,6 +1,7 @@
 import pytest
 
 from pixrun.config import load_config
+from pixrun.losses.dino import DINO_HUB_ID
 
 TINY_OVERRIDES = [
     "data.resolution=32",
@@ -10,6 +11,9 @@ TINY_OVERRIDES = [
     "train.batch_size=8", "train.log_every=1", "train.threads=1", "train.budget=", "optim.cooldown=0",
     "sample.steps=4", "sample.grid_seeds=1", "sample.grid_prompts=[a photo of a circle,a photo of a red square]",
     "eval.prompts_per_task=2", "eval.images_per_prompt=1", "eval.at_end=false",
+    # the default's shapes teacher off, REPA back at the dataclass's settings (tests/test_shapes_teacher.py has it)
+    "repa.weight=0", f"repa.teacher={DINO_HUB_ID}", "repa.projector=mlp", "repa.spatial_norm=false",
+    "shapes_perceptual.weight=0",
 ]
 
 

@@ -101,7 +101,8 @@ def test_command_line_prints_one_json_object_and_rejects_bad_input(tiny_config, 
     config = tiny_config()
     overrides = [f"run_dir={config.run_dir}", "data.resolution=32", "model.width=32", "model.depth=1",
                  "model.heads=2", "model.axes_dim=[8,8]", "model.patch_size=8", "model.bottleneck=16",
-                 "text.width=32", "text.depth=1", "text.heads=2", "train.batch_size=2", "train.threads=1"]
+                 "text.width=32", "text.depth=1", "text.heads=2", "train.batch_size=2", "train.threads=1",
+                 "repa.weight=0", "shapes_perceptual.weight=0"]
     assert main(["bench", *overrides, "--json", "--steps", "1", "--warmup", "0", "--compare-diffusers"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["model_depth"] == 1 and result["label"].startswith("built-in default run_dir=")

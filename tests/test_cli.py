@@ -141,3 +141,26 @@ def test_data_prepare_from_the_command_line(capsys, tmp_path):
     assert code == 0 and "kept 3 of 4" in stdout and "empty file" in stdout
     code, _, err = run_cli(capsys, "data", "prepare", str(src), str(tmp_path / "out2"), "quality=90")
     assert code == 2 and "unknown config key 'prepare.quality'" in err
+
+
+def test_eval_of_a_run_on_prepared_shards_denoises_their_held_out_samples(capsys, tmp_path):
+    import json
+
+    from pixrun.data.prepare import PrepareOptions, prepare_dataset
+    from pixrun.data.shards import read_held_out
+    from pixrun.metrics import mse_by_t
+    from pixrun.pipeline import load_run, load_run_config
+    from tests.helpers import image_folder
+
+    prepared = tmp_path / "prepared"
+    prepare_dataset(image_folder(tmp_path / "images", 40), prepared,
+                    PrepareOptions(resolution=32, patch_size=8, min_side=16, processes=1, heldout=6, heldout_share=0.2))
+    run = tmp_path / "r"
+    settings = ["data.source=shards", f"data.shards={prepared}", "data.num_workers=0", "data.partitions=1"]
+    assert run_cli(capsys, "train", f"run_dir={run}", *TINY_OVERRIDES, *settings, "train.steps=2")[0] == 0
+    code, stdout, _ = run_cli(capsys, "eval", str(run), "--json", "--mse-t", "--num-images", "4")
+    held_out = read_held_out(str(prepared), 32, 4)
+    expected = mse_by_t(load_run(run), held_out.floats(), held_out.captions, seed=load_run_config(run).metrics.seed)
+    assert code == 0 and json.loads(stdout) == pytest.approx(expected)  # no compositional score: not the world
+    code, _, err = run_cli(capsys, "eval", str(run))
+    assert code == 2 and "data.source=shards" in err and "--mse-t" in err and len(err.strip().splitlines()) == 1

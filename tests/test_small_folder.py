@@ -66,7 +66,7 @@ def damage(prepared, how: str) -> None:
 
 TINY_RUN = ["model.patch_size=8", "data.resolution=32", "train.budget=", "data.num_workers=0", "model.width=32",
             "model.depth=1", "model.heads=2", "model.axes_dim=[8,8]", "text.width=32", "text.depth=1", "text.heads=2",
-            "train.threads=1"]
+            "train.threads=1", "repa.weight=0", "shapes_perceptual.weight=0"]
 
 
 @pytest.mark.parametrize("how, settings, message", [

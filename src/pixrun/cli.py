@@ -195,8 +195,14 @@ def cmd_eval(args) -> int:
         raise UsageError("--per-task must be at least 1")
     from pixrun.pipeline import load_run_config
 
-    sample = _sample_config(load_run_config(args.run).sample, args)
-    scores = evaluate_run(args.run, per_task=per_task, weights=args.weights, sample=sample)
+    run_config = load_run_config(args.run)
+    sample = _sample_config(run_config.sample, args)
+    scored = run_config.data.source == "shapes"  # the evaluator's prompts and detector are the shapes world's
+    if not scored and (args.metrics or not args.mse_t):
+        raise UsageError(f"the run trained on data.source={run_config.data.source}, and the evaluator and --metrics "
+                         "prompt the shapes world: ask for --mse-t (its held-out samples), or set train.metrics_every "
+                         "to measure while training")
+    scores = evaluate_run(args.run, per_task=per_task, weights=args.weights, sample=sample) if scored else {}
     if args.metrics or args.mse_t:
         scores.update(_quality(args, sample))
     if args.json:
@@ -208,7 +214,7 @@ def cmd_eval(args) -> int:
 
 
 def _quality(args, sample) -> dict[str, float]:
-    from pixrun.metrics import load_networks, mse_by_t, shapes_quality_metrics, shapes_reference
+    from pixrun.metrics import load_networks, mse_by_t, shapes_quality_metrics
     from pixrun.pipeline import build_world, load_run, load_run_config
     from pixrun.runtime import resolve_device
 
@@ -230,9 +236,26 @@ def _quality(args, sample) -> dict[str, float]:
         networks = load_networks(config, next(run.denoiser.parameters()).device)
         scores.update(shapes_quality_metrics(run, world, config, networks))
     if args.mse_t:
-        held_out = shapes_reference(world, run.resolution, config.num_images, config.seed)
-        scores.update(mse_by_t(run, held_out.load(), held_out.captions, seed=config.seed))
+        scores.update(mse_by_t(run, *_held_out(run_config, world, run.resolution, config), seed=config.seed))
     return scores
+
+
+def _held_out(run_config, world, resolution: int, config) -> tuple:
+    """(images in [-1, 1], captions) that `pixrun eval --mse-t` denoises: the shapes world's reference scenes, or
+    the held-out samples of the run's own data source at its last stage (prepared shards: those of `heldout=N`)."""
+    from pixrun.data.source import DATA_SOURCES
+    from pixrun.metrics import shapes_reference
+    from pixrun.runtime import World
+
+    if run_config.data.source == "shapes":
+        reference = shapes_reference(world, resolution, config.num_images, config.seed)
+        return reference.load(), reference.captions
+    source = DATA_SOURCES[run_config.data.source].build(run_config, World())
+    held_out = source.held_out(run_config.stage_plan()[-1], config.num_images, config.seed)
+    if len(held_out) == 0:
+        raise UsageError(f"the run's data ({run_config.data.source}) holds no held-out samples to denoise "
+                         "(prepared shards: prepare them with heldout=N)")
+    return held_out.floats(), held_out.captions
 
 
 def cmd_geneval(args) -> int:

@@ -89,6 +89,9 @@ def check_exportable(config: Config) -> None:
     if config.tread.fusion == "sprint":
         raise ExportError("the run fuses its routed tokens with SPRINT (tread.fusion=sprint), whose fusion layer also "
                           "runs at inference, and PRXTransformer2DModel has no such layer")
+    if config.model.pixel_head:
+        raise ExportError(f"the run refines its output with a pixel head (model.pixel_head={config.model.pixel_head}), "
+                          "and PRXTransformer2DModel has no such layer")
     for name in ("rope_theta", "time_max_period"):
         value = getattr(config.model, name)
         if value != int(value):

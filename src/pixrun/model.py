@@ -19,6 +19,9 @@ fused by a linear layer over [dense ; deep] (`SprintFusion`): dense = the span's
 output, the kept tokens at their positions and the dropped ones as they skipped it plus a learnt mask token. The
 layer starts as [0 ; I], so a fresh fusion gives exactly TREAD's re-insertion. It runs in the dense forward too
 (there deep is every token's output), as SPRINT's model does at inference; the diffusers model has no such layer.
+
+Pixel head (`model.pixel_head: C`): after unpatchify, three 3x3 convolutions of C channels over [x̂ ; x_t ; t] add a
+correction to x̂ at full resolution (`PixelHead`), starting at zero. Also pixrun's own: such a run does not export.
 """
 
 import math
@@ -44,6 +47,8 @@ class ModelConfig:
     time_factor: float = 1000.0
     time_max_period: float = 10000.0
     resolution_embeds: bool = False
+    # > 0: a pixel-space head of that many channels over the unpatchified output (PixelHead); not in diffusers' model
+    pixel_head: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -56,6 +61,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"model.width {self.width} is not divisible by model.heads {self.heads}")
+        if self.pixel_head < 0:
+            raise ValueError(f"model.pixel_head must be 0 (none) or a number of channels, got {self.pixel_head}")
         if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
             raise ValueError(
                 f"model.axes_dim {self.axes_dim} must be even numbers summing to the head dim {self.head_dim}"
@@ -63,8 +70,9 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # CPU-sized: 64 px images in 16-px patches, i.e. 16 tokens of 768 values each.
-    "shapes-cpu": ModelConfig(),
+    # CPU-sized: 64 px images in 16-px patches, i.e. 16 tokens of 768 values each. Narrow (128) because on 2 CPU
+    # cores a 12-minute budget buys ~3x the steps of width 256, and steps are what it lacks (docs/speedrun.md).
+    "shapes-cpu": ModelConfig(width=128, heads=2),
     # PRX "small", pixel variant of the 24-hour speedrun: about 1.2 B parameters.
     "prx-small-pixel": ModelConfig(
         width=1792, depth=16, heads=28, mlp_ratio=3.5, patch_size=32, bottleneck=256, context_dim=2304
@@ -277,6 +285,33 @@ class SprintFusion(nn.Module):
         return self.linear(torch.cat([dense, deep], dim=-1))
 
 
+class PixelHead(nn.Module):
+    """Three 3x3 convolutions over the whole image, after the final layer has written each patch on its own: they see
+    across patch borders (the seams) and the noisy input's own pixels, which the patch embedding squeezes through
+    its bottleneck. Input [x̂ ; x_t ; t] per pixel; the output is added to x̂, and the last convolution starts at
+    zero, so a fresh head leaves the transformer's prediction unchanged (as PixelDiT's and DeCo's pixel decoders
+    refine a patch transformer's output at full resolution)."""
+
+    def __init__(self, channels: int, image_channels: int):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(2 * image_channels + 1, channels, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(channels, image_channels, 3, padding=1),
+        )
+
+    def reset_parameters(self) -> None:
+        for conv in self.convs:
+            if isinstance(conv, nn.Conv2d):
+                conv.reset_parameters()
+        nn.init.zeros_(self.convs[-1].weight)
+        nn.init.zeros_(self.convs[-1].bias)
+
+    def forward(self, coarse: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t_plane = t.to(x.dtype)[:, None, None, None].expand(-1, 1, *x.shape[2:])
+        return coarse + self.convs(torch.cat([coarse, x.to(coarse.dtype), t_plane.to(coarse.dtype)], dim=1))
+
+
 class ResolutionEmbedder(nn.Module):
     def __init__(self, width: int, max_period: float):
         super().__init__()
@@ -306,6 +341,7 @@ class Denoiser(nn.Module):
         self.sprint_span = sprint_span
         self.sprint_fusion = SprintFusion(c.width) if sprint_span is not None else None
         self.final_layer = FinalLayer(c.width, c.patch_dim)
+        self.pixel_head = PixelHead(c.pixel_head, c.in_channels) if c.pixel_head else None
         # RoPE's (cos, sin) by (grid_h, grid_w, device): a plain dict, so not in the state dict
         self.rope_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
@@ -323,6 +359,8 @@ class Denoiser(nn.Module):
             nn.init.zeros_(linear.bias)
         if self.sprint_fusion is not None:
             self.sprint_fusion.reset_parameters()
+        if self.pixel_head is not None:
+            self.pixel_head.reset_parameters()
 
     def plan_routing(
         self, routing: TokenRouting, num_tokens: int, generators: list[torch.Generator], device
@@ -387,6 +425,8 @@ class Denoiser(nn.Module):
         else:
             img, hidden = self.routed_blocks(img, txt, vec, rope, attn_bias, routing, hidden_at)
         out = unpatchify(self.final_layer(img, vec), c.patch_size, h, w)
+        if self.pixel_head is not None:
+            out = self.pixel_head(out, x, t)
         return out if hidden_at is None else (out, hidden)
 
     def routed_blocks(self, img, txt, vec, rope, attn_bias, plan: RoutePlan,

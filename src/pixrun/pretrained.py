@@ -229,8 +229,8 @@ def load_init_weights(pipeline, config: Config) -> None:
                                           f"{tuple(own[name].shape)}")
                     own[name].copy_(tensor)
                     found.add(name)
-    # SPRINT's fusion layer is pixrun's own: it keeps its initialisation, under which the dense prediction is the
-    # released model's
-    missing = sorted(name for name in set(own) - found if not name.startswith("sprint_fusion."))
+    # SPRINT's fusion layer and the pixel head are pixrun's own: they keep their initialisation, under which the
+    # prediction is the released model's
+    missing = sorted(name for name in set(own) - found if not name.startswith(("sprint_fusion.", "pixel_head.")))
     if missing:
         raise ConfigError(f"init: {config.init}'s transformer lacks {len(missing)} weights, e.g. {missing[0]}")
