@@ -188,7 +188,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pixrun.evaluate import evaluate_run
+    from pixrun.evaluate import evaluate_run, scores_source
 
     per_task = args.per_task
     if per_task is not None and per_task < 1:
@@ -197,7 +197,7 @@ def cmd_eval(args) -> int:
 
     run_config = load_run_config(args.run)
     sample = _sample_config(run_config.sample, args)
-    scored = run_config.data.source == "shapes"  # the evaluator's prompts and detector are the shapes world's
+    scored = scores_source(run_config)
     if not scored and (args.metrics or not args.mse_t):
         raise UsageError(f"the run trained on data.source={run_config.data.source}, and the evaluator and --metrics "
                          "prompt the shapes world: ask for --mse-t (its held-out samples), or set train.metrics_every "

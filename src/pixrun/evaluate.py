@@ -366,6 +366,11 @@ def evaluation_record(scores: dict, pipeline, config, per_task: int | None, weig
             "images_per_prompt": config.images_per_prompt, "sample": dataclasses.asdict(pipeline.sample)}
 
 
+def scores_source(config) -> bool:
+    """Whether the strict evaluator can score a run of `config`: its prompts and detector are the shapes world's."""
+    return config.data.source == "shapes"
+
+
 def evaluate_run(
     run_dir: str | Path, per_task: int | None = None, weights: str = "ema", sample=None
 ) -> dict[str, float | None]:

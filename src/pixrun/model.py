@@ -308,8 +308,8 @@ class PixelHead(nn.Module):
         nn.init.zeros_(self.convs[-1].bias)
 
     def forward(self, coarse: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t_plane = t.to(x.dtype)[:, None, None, None].expand(-1, 1, *x.shape[2:])
-        return coarse + self.convs(torch.cat([coarse, x.to(coarse.dtype), t_plane.to(coarse.dtype)], dim=1))
+        t_plane = t.to(coarse.dtype)[:, None, None, None].expand(-1, 1, *coarse.shape[2:])
+        return coarse + self.convs(torch.cat([coarse, x.to(coarse.dtype), t_plane], dim=1))
 
 
 class ResolutionEmbedder(nn.Module):

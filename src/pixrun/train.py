@@ -34,7 +34,7 @@ from pixrun.config import Config, StageConfig, save_config
 from pixrun.data.shapes import TASKS
 from pixrun.data.source import DATA_SOURCES, DataSource, HeldOut, LocalBatch
 from pixrun.errors import ConfigError, TrainingError
-from pixrun.evaluate import evaluate_pipeline, evaluation_record
+from pixrun.evaluate import evaluate_pipeline, evaluation_record, scores_source
 from pixrun.latent import Autoencoder
 from pixrun.logger import RunLogger, save_grid
 from pixrun.losses import LossInputs
@@ -346,7 +346,7 @@ def event_schedules(config: Config) -> dict[str, Schedule]:
         "metrics": Schedule(tc.metrics_every, at_start=True),
         "checkpoint": Schedule(tc.checkpoint_every),
     }
-    scored = config.eval.at_end and config.data.source == "shapes"  # the evaluator knows the shapes world only
+    scored = config.eval.at_end and scores_source(config)
     return {**schedules, "evaluation": AtEnd()} if scored else schedules
 
 
