@@ -82,7 +82,7 @@ def test_label_maps_and_cell_labels_agree_with_the_rendered_image():
                     assert kinds[row, col] > 0 and (np.abs(geometry[:2, row, col]) <= 0.5 + 1 / 16).all()
 
 
-def test_teacher_learns_the_cells_and_is_cached_and_reloaded_bit_identically(tiny_cache, monkeypatch):
+def test_teacher_learns_the_cells_and_is_cached_and_reloaded_bit_identically(tiny_cache, monkeypatch, capsys):
     folder, network, record = tiny_cache
     assert not record["cached"] and record["train_seconds"] > 0 and record["cpu_seconds"] > 0
     accuracy = record["accuracy"]
@@ -97,7 +97,10 @@ def test_teacher_learns_the_cells_and_is_cached_and_reloaded_bit_identically(tin
         raise AssertionError("trained again")
 
     monkeypatch.setattr(shapes_teacher, "train_teacher", no_training)
+    capsys.readouterr()
     again, record_again = load_teacher(TINY_SPEC, folder)
+    said = capsys.readouterr()
+    assert said.out == "" and f"shapes teacher {TINY_SPEC.key()} from {folder}" in said.err  # stdout: the caller's
     assert record_again["cached"] and record_again["train_seconds"] == record["train_seconds"]
     assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), again.state_dict().values()))
     assert not any(p.requires_grad for p in again.parameters())

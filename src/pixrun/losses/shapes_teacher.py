@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,8 +210,8 @@ def cache_root() -> Path:
 
 def load_teacher(spec: TeacherSpec | None = None, cache: Path | None = None) -> tuple[ShapesFeatures, dict]:
     """The teacher of `spec` (None: DEFAULT_SPEC) from the cache, or trained and cached; with its record
-    (`train_seconds`, `accuracy`, `cached`: whether it came from the cache). Prints one line saying which, with
-    the training time."""
+    (`train_seconds`, `accuracy`, `cached`: whether it came from the cache). Prints one line to stderr saying which,
+    with the training time (stdout stays the caller's: `pixrun bench --json` prints only its JSON)."""
     spec = spec or DEFAULT_SPEC
     folder = cache or cache_root()
     weights, record_path = folder / f"{spec.key()}.safetensors", folder / f"{spec.key()}.json"
@@ -218,7 +219,8 @@ def load_teacher(spec: TeacherSpec | None = None, cache: Path | None = None) -> 
         network = ShapesFeatures(spec.widths, spec.resolution)
         network.load_state_dict(load_file(weights), strict=True)
         record = {**json.loads(record_path.read_text()), "cached": True}
-        print(f"pixrun: shapes teacher {spec.key()} from {folder} (trained in {record['train_seconds']} s)")
+        print(f"pixrun: shapes teacher {spec.key()} from {folder} (trained in {record['train_seconds']} s)",
+              file=sys.stderr)
         return network.requires_grad_(False), record
     network, record = train_teacher(spec)
     folder.mkdir(parents=True, exist_ok=True)
@@ -231,5 +233,5 @@ def load_teacher(spec: TeacherSpec | None = None, cache: Path | None = None) -> 
     accuracy = record["accuracy"]
     print(f"pixrun: shapes teacher {spec.key()} trained in {record['train_seconds']} s, held-out cell accuracy: "
           f"kind {accuracy['kind']:.3f}, colour {accuracy['color']:.3f} (on objects {accuracy['kind_on_objects']:.3f}"
-          f", {accuracy['color_on_objects']:.3f}); cached in {folder}")
+          f", {accuracy['color_on_objects']:.3f}); cached in {folder}", file=sys.stderr)
     return network, {**record, "cached": False}
