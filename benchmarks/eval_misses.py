@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pixrun.evaluate import MIN_SHAPE_IOU, detect, evaluation_prompts, judge
-from pixrun.metrics import generate_images
-from pixrun.pipeline import build_world, load_run, load_run_config, to_uint8
+from pixrun.evaluate import MIN_SHAPE_IOU, detect, evaluation_images, judge
+from pixrun.pipeline import build_world, load_run, load_run_config
 
 
 def miss(detections, passed: bool) -> str:
@@ -45,16 +44,11 @@ def main() -> None:
     pipeline = load_run(args.run)
     changes = {"cfg_scale": args.cfg, "steps": args.steps}
     pipeline.sample = dataclasses.replace(pipeline.sample, **{k: v for k, v in changes.items() if v is not None})
-    specs = evaluation_prompts(world, config.eval.prompts_per_task, seed=config.eval.seed)
-    per_prompt = config.eval.images_per_prompt
-    # as pixrun.evaluate.evaluate_pipeline makes them
-    prompts = [s.prompt for s in specs for _ in range(per_prompt)]
-    images = list(to_uint8(generate_images(pipeline, prompts, config.eval.seed, config.eval.batch_size)))
+    specs, images = evaluation_images(pipeline, world, config.eval)
 
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     unnamed_ious: list[float] = []
-    for i, image in enumerate(images):
-        spec = specs[i // per_prompt]
+    for spec, image in ((spec, image) for spec, spec_images in zip(specs, images) for image in spec_images):
         detections = detect(image, world)
         reason = miss(detections, judge(spec, detections))
         counts[spec.task + (" (held-out pair)" if spec.heldout else "")][reason] += 1
@@ -63,7 +57,7 @@ def main() -> None:
     quantiles = np.quantile(unnamed_ious, [0.1, 0.5, 0.9]).round(3).tolist() if unnamed_ious else []
     print(json.dumps({
         "run": str(args.run), "cfg_scale": pipeline.sample.cfg_scale, "steps": pipeline.sample.steps,
-        "min_shape_iou": MIN_SHAPE_IOU, "images": len(images),
+        "min_shape_iou": MIN_SHAPE_IOU, "images": sum(map(len, images)),
         "by_task": {task: dict(c) for task, c in counts.items()},
         "all": dict(sum(counts.values(), collections.Counter())),
         "unnamed_outline_iou_q10_q50_q90": quantiles,

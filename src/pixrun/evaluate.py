@@ -351,13 +351,21 @@ def evaluate_pipeline(pipeline, world: ShapesWorld, config, per_task: int | None
     """Score `pipeline` (with its sampling settings): images for `world`'s evaluation prompts (`config`: an
     EvalConfig; `per_task` overrides its prompts_per_task), image i from the noise of seed `config.seed + i`, then
     `score`. With `ranks` (pixrun.runtime.World) every rank generates a part and rank 0 scores (None elsewhere)."""
+    generated = evaluation_images(pipeline, world, config, per_task, ranks)
+    return None if generated is None else score(*generated, world)
+
+
+def evaluation_images(pipeline, world: ShapesWorld, config, per_task: int | None = None,
+                      ranks=None) -> tuple[list[PromptSpec], list[list[np.ndarray]]] | None:
+    """The evaluation's prompts and, for each, its uint8 images, as `evaluate_pipeline` scores them (None on ranks
+    other than 0)."""
     specs = evaluation_prompts(world, per_task or config.prompts_per_task, seed=config.seed)
     prompts = [spec.prompt for spec in specs for _ in range(config.images_per_prompt)]
     images = generate_images(pipeline, prompts, config.seed, config.batch_size, ranks)
     if images is None:
         return None
     images, n = list(to_uint8(images)), config.images_per_prompt
-    return score(specs, [images[i * n : (i + 1) * n] for i in range(len(specs))], world)
+    return specs, [images[i * n : (i + 1) * n] for i in range(len(specs))]
 
 
 def evaluation_record(scores: dict, pipeline, config, per_task: int | None, weights: str) -> dict:
