@@ -25,6 +25,7 @@ from pixrun.evaluate import (
     Requirement,
     detect,
     evaluation_prompts,
+    ground_truth_scene,
     judge,
     prompt_spec,
     relative_position,
@@ -37,27 +38,10 @@ BACKGROUND = (232, 230, 228)
 IMAGES_PER_PROMPT = 4
 
 
-def scene_for_prompt(world: ShapesWorld, spec: PromptSpec, rng: np.random.Generator) -> Scene:
-    """A scene satisfying an evaluation prompt (held-out pairs allowed): its ground truth."""
-    kinds: list[str] = []
-    colors: list[str] = []
-    first_object: list[int] = []  # index of each include entry's first object
-    relation = None
-    for req in spec.include:
-        first_object.append(len(kinds))
-        for _ in range(req.count):
-            kinds.append(req.kind)
-            colors.append(req.color or world.random_color(rng, req.kind))
-        if req.position is not None:
-            rel, target = req.position
-            relation = (first_object[-1], rel, first_object[target])
-    return world.compose(rng, spec.task, spec.prompt, kinds, colors, relation)
-
-
 def render_for(world: ShapesWorld, specs, resolution: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     return [
-        [world.render(scene_for_prompt(world, spec, rng), resolution) for _ in range(IMAGES_PER_PROMPT)]
+        [world.render(ground_truth_scene(world, spec, rng), resolution) for _ in range(IMAGES_PER_PROMPT)]
         for spec in specs
     ]
 

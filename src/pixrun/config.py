@@ -236,7 +236,7 @@ DEFAULT_RUN = {
     "optim": {"lr": 1e-3, "muon_lr": 2e-3},
     "repa": {"weight": 0.5, "teacher": "shapes", "block": 2, "projector": "conv", "spatial_norm": True},
     "shapes_perceptual": {"weight": 1.0, "max_t": 0.7},
-    "train": {"budget": "12m"},
+    "train": {"budget": "12m", "steps": 10000},
     "sample": {"cfg_scale": 2.0},
     "eval": {"at_end": True},
 }

@@ -25,6 +25,7 @@ from pixrun.data.shapes import (
     RELATIONS,
     SUPERSAMPLE,
     TASKS,
+    Scene,
     ShapesWorld,
     draw_shape,
     make_caption,
@@ -159,6 +160,23 @@ def evaluation_prompts(world: ShapesWorld, per_task: int, seed: int = 0) -> list
             pair = [(color, kind), partners[j]][:: 1 if i % 2 == 0 else -1]
             specs.append(prompt_spec("color_attr", [k for _, k in pair], [c for c, _ in pair], heldout=True))
     return specs
+
+
+def ground_truth_scene(world: ShapesWorld, spec: PromptSpec, rng: np.random.Generator) -> Scene:
+    """A scene of the world that meets `spec` (held-out pairs allowed): the prompt's ground truth."""
+    kinds: list[str] = []
+    colors: list[str] = []
+    first_object: list[int] = []  # index of each include entry's first object
+    relation = None
+    for req in spec.include:
+        first_object.append(len(kinds))
+        for _ in range(req.count):
+            kinds.append(req.kind)
+            colors.append(req.color or world.random_color(rng, req.kind))
+        if req.position is not None:
+            rel, target = req.position
+            relation = (first_object[-1], rel, first_object[target])
+    return world.compose(rng, spec.task, spec.prompt, kinds, colors, relation)
 
 
 def detect(image: np.ndarray, world: ShapesWorld) -> list[Detection]:
