@@ -31,10 +31,9 @@ def from_patches(patches: np.ndarray, n: int, p: int) -> np.ndarray:
 
 
 def group(images: np.ndarray, specs) -> list[list[np.ndarray]]:
-    """The evaluator's layout: a list of images per prompt."""
-    images = np.clip(images, 0, 255).astype(np.uint8)
+    """The evaluator's layout: a list of uint8 images per prompt, rounded once here."""
+    images = np.clip(images + 0.5, 0, 255).astype(np.uint8)
     return [list(images[i * IMAGES_PER_PROMPT:(i + 1) * IMAGES_PER_PROMPT]) for i in range(len(specs))]
-
 
 
 def main() -> None:
@@ -58,10 +57,10 @@ def main() -> None:
     truth = np.stack([world.render(ground_truth_scene(world, spec, rng), RESOLUTION)
                       for spec in specs for _ in range(IMAGES_PER_PROMPT)]).astype(np.float64)
     result = {"patch": args.patch, "resolution": RESOLUTION, "ground_truth": score(specs, group(truth, specs), world)}
+    centred = to_patches(truth, args.patch) - mean
     for k in args.ranks:
         basis = components[:k]
-        projected = (to_patches(truth, args.patch) - mean) @ basis.T @ basis + mean
-        images = np.clip(from_patches(projected, len(truth), args.patch) + 0.5, 0, 255).astype(np.uint8)
+        images = from_patches(centred @ basis.T @ basis + mean, len(truth), args.patch)
         result[f"rank_{k}"] = {"energy_kept": float(energy[k - 1]), **score(specs, group(images, specs), world)}
     print(json.dumps(result, indent=1))
 
