@@ -108,6 +108,16 @@ def test_muon_takes_exactly_the_matrices_inside_the_denoiser_blocks():
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)  # everything else: AdamW
 
 
+def test_muon_text_adds_the_text_towers_projections_but_not_its_embeddings():
+    params = tiny_params()
+    optimizer = build_optimizer(params, dataclasses.replace(MUON, muon_text=True))
+    muon_ids = {id(p) for g in optimizer.param_groups if g["muon"] for p in g["params"]}
+    chosen = {name for name, p in params.items() if id(p) in muon_ids and name.startswith("text_encoder.")}
+    assert chosen == {"text_encoder.encoder.block.0.layer.0.SelfAttention.q.weight",
+                      "text_encoder.encoder.block.0.layer.1.DenseReluDense.wo.weight"}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+
+
 def test_orthogonalize_flattens_the_spectrum():
     gen = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen))

@@ -13,7 +13,7 @@ from pixrun.data.shapes import COLOR_RGB, SHAPE_KINDS, ShapesWorld
 from pixrun.flops import training_flops
 from pixrun.losses import LossInputs, counted_flops, shapes_teacher
 from pixrun.losses.repa import REPA, REPAConfig, REPATerm, spatial_norm
-from pixrun.losses.shapes_perceptual import ShapesPerceptual
+from pixrun.losses.shapes_perceptual import ShapesPerceptual, ShapesPerceptualConfig, ShapesPerceptualTerm
 from pixrun.losses.shapes_teacher import (
     ShapesFeatures,
     TeacherSpec,
@@ -131,6 +131,36 @@ def test_perceptual_loss_is_zero_for_the_image_itself_and_grows_with_corruption(
     x_hat = (x0 + 0.2 * noise).requires_grad_()
     loss(x_hat, x0).sum().backward()
     assert x_hat.grad.abs().sum() > 0 and all(p.grad is None for p in network.parameters())
+
+
+def test_a_gated_perceptual_term_runs_its_network_on_the_counted_rows_alone_with_the_masked_result(tiny_cache):
+    """Below max_t the term's network sees only the rows the gate counts: the same per-sample losses and gradients
+    as the network on every row with the others masked to 0, for a fraction of the work."""
+    _, network, _ = tiny_cache
+    world, drawn = scenes(6)
+    x0 = torch.from_numpy(np.stack([world.render(s, 64) for s in drawn])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    noisy = x0 + 0.3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.1, 0.9, 0.69, 0.71, 1.0, 0.3])
+    term = ShapesPerceptualTerm(ShapesPerceptualConfig(weight=1.0, max_t=0.7), ShapesPerceptual(network))
+    seen = []
+    hook = network.stages[0].register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+
+    def per_sample(max_t):
+        x_hat = noisy.clone().requires_grad_()
+        term.config.max_t = max_t
+        losses = term(LossInputs(x_hat, x0, t, step=0, pixels_per_token=16))
+        (losses * (t <= 0.7)).sum().backward()
+        return losses, x_hat.grad
+
+    counted, counted_grad = per_sample(0.7)
+    assert seen == [3, 3]  # the target's and the prediction's forward, each on rows 0, 2 and 5
+    every, every_grad = per_sample(1.0)
+    hook.remove()
+    assert seen[2:] == [6, 6]
+    mask = t <= 0.7
+    assert torch.equal(counted[~mask], torch.zeros(3)) and (counted[mask] > 0).all()
+    torch.testing.assert_close(counted[mask], every[mask])
+    torch.testing.assert_close(counted_grad, every_grad)
 
 
 def test_spatial_norm_centres_and_scales_each_channel_over_the_tokens():

@@ -226,14 +226,14 @@ class Config:
 
 
 # What `pixrun train` runs without a config file, over the dataclasses' defaults (configs/shapes-cpu.yaml writes
-# it out): the small model and text tower at twice the base learning rates, taught by the shapes world's own
-# feature network (REPA with iREPA's conv projector and spatial normalisation, and a perceptual term on x̂₀): what
-# learnt most in 12 minutes on 2 cores (docs/speedrun.md). Its strict scores are measured inside the budget, so
+# it out): the small model and text tower at twice the base learning rates, Muon for both, taught by the shapes
+# world's own feature network (REPA with iREPA's conv projector and spatial normalisation, and a perceptual term on
+# x̂₀): what learnt most in 12 minutes on 2 cores (docs/speedrun.md). Its strict scores are measured inside the budget, so
 # `make train` ends within 15 min from a fresh clone and shows what was learnt.
 DEFAULT_RUN = {
     "model": {"preset": "shapes-cpu"},
     "text": {"width": 128, "heads": 2},
-    "optim": {"lr": 1e-3, "muon_lr": 2e-3},
+    "optim": {"lr": 1e-3, "muon_lr": 2e-3, "muon_text": True},
     "repa": {"weight": 0.5, "teacher": "shapes", "block": 2, "projector": "conv", "spatial_norm": True},
     "shapes_perceptual": {"weight": 1.0, "max_t": 0.7},
     "train": {"budget": "12m", "steps": 10000},

@@ -23,6 +23,8 @@ MUON_LR_SCALING = {
 GRAM_ITERATION_RATIO = 2
 NS_BATCH_ELEMENTS = 1 << 26  # Newton-Schulz on at most this many values at once (256 MB in fp32)
 BLOCK_MATRIX = re.compile(r"(^|\.)blocks\.\d+\.")  # denoiser.blocks.N.*, not the text tower's encoder.block.N.*
+# the jointly trained text tower's projections (T5: SelfAttention.q/k/v/o, DenseReluDense.wi/wo), not its embeddings
+TEXT_BLOCK_MATRIX = re.compile(r"^text_encoder\.encoder\.block\.\d+\.layer\.\d+\.\w+\.(q|k|v|o|wi|wi_0|wi_1|wo)\.weight$")
 
 
 @dataclass
@@ -38,6 +40,7 @@ class OptimConfig:
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_text: bool = False  # Muon also for the small text tower's projections (trained jointly), at muon_lr
     muon_weight_decay: float = 0.0
     # How the orthogonalised update is scaled per matrix (A x B): "match_rms_adamw" = 0.2 * sqrt(max(A, B)), so its
     # RMS is AdamW's and the recipe's lr 1e-4 carries over (Moonshot); "original" = sqrt(max(1, A / B)) (Keller Jordan).
@@ -64,11 +67,13 @@ class EMAConfig:
 
 def build_optimizer(params: dict[str, nn.Parameter], config: OptimConfig,
                     ns_dtype: torch.dtype = torch.bfloat16) -> "MuonAdamW":
-    """One MuonAdamW: AdamW with weight decay only on matrices; for `name: muon`, Muon on the blocks' matrices, its
-    Newton-Schulz iteration in `ns_dtype` (the trainer passes its compute precision).
+    """One MuonAdamW: AdamW with weight decay only on matrices; for `name: muon`, Muon on the blocks' matrices (with
+    `muon_text`, the text tower's projections too), its Newton-Schulz iteration in `ns_dtype` (the trainer passes its
+    compute precision).
 
     Every group carries "muon", so `set_lr` knows which learning rate it takes."""
-    muon = [p for name, p in params.items() if p.dim() == 2 and BLOCK_MATRIX.search(name)]
+    muon = [p for name, p in params.items() if p.dim() == 2 and (BLOCK_MATRIX.search(name) or (
+        config.muon_text and TEXT_BLOCK_MATRIX.search(name)))]
     muon = muon if config.name == "muon" else []
     muon_ids = {id(p) for p in muon}
     adamw_group = {"lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "muon": False}

@@ -52,6 +52,15 @@ def gated_mean(per_sample: torch.Tensor, t: torch.Tensor, max_t: float) -> torch
     return (per_sample * (t <= max_t).to(per_sample.dtype)).mean()
 
 
+def counted_rows(t: torch.Tensor, max_t: float) -> torch.Tensor | None:
+    """The rows a term gated at `max_t` counts (t <= max_t), for running its network on those alone; None where every
+    row counts, or where picking rows would make the host wait for the device (a GPU's nonzero does), so the term runs
+    on every row and the gate masks it."""
+    if max_t >= 1 or t.device.type != "cpu":
+        return None
+    return (t <= max_t).nonzero().flatten()
+
+
 def counted_flops(run) -> int:
     """The FLOPs torch's FlopCounterMode counts while `run()` runs."""
     counter = FlopCounterMode(display=False)
@@ -165,7 +174,12 @@ class ImageDistanceTerm(LossTerm):
         self.network = network
 
     def __call__(self, inputs: LossInputs) -> torch.Tensor:
-        return self.network(inputs.x0_hat, inputs.images)
+        rows = counted_rows(inputs.t, self.config.max_t)
+        if rows is None:
+            return self.network(inputs.x0_hat, inputs.images)
+        # the network on the rows the gate counts; the others are 0, as the gate would make them
+        distances = self.network(inputs.x0_hat[rows], inputs.images[rows])
+        return distances.new_zeros(len(inputs.t)).index_put((rows,), distances)
 
     @classmethod
     def meta_network(cls, config: LossConfig) -> nn.Module:
@@ -175,6 +189,8 @@ class ImageDistanceTerm(LossTerm):
     @classmethod
     def flops(cls, config: LossConfig, model: ModelConfig, resolution: int, grid: int,
               routing: RoutePlan | None) -> int:
+        """Its network on every image: what a GPU runs; a CPU runs a term gated below max_t < 1 on fewer
+        (`counted_rows`), so there this overstates it."""
         with torch.device("meta"):
             network = cls.meta_network(config)
         return perceptual_flops(network, resolution)
