@@ -233,8 +233,6 @@ class Config:
 DEFAULT_RUN = {
     "model": {"preset": "shapes-cpu"},
     "text": {"width": 128, "heads": 2},
-    "data": {"task_weights": {"single_object": 2.0, "two_object": 1.0, "counting": 1.0, "colors": 2.0, "position": 1.0,
-                              "color_attr": 1.0}},
     "optim": {"lr": 1e-3, "muon_lr": 2e-3, "muon_text": True},
     "repa": {"weight": 0.5, "teacher": "shapes", "block": 2, "projector": "conv", "spatial_norm": True},
     "shapes_perceptual": {"weight": 1.0, "max_t": 0.7},
